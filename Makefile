@@ -1,0 +1,54 @@
+# Two commands do all the set-up: `make lab` and `make test` (see README.md).
+PYTHON     ?= python3
+VENV       ?= .venv
+# torch==2.13.0 is a CPU build where a local wheel exists (this machine) and the CUDA build from PyPI on a GPU box.
+# Choose another with e.g. `make test TORCH_SPEC="torch==2.14.1"` or `TORCH_SPEC="torch --index-url ..."`.
+TORCH_SPEC ?= torch==2.13.0
+ARGS       ?=
+# pytest-xdist workers for the tests; notebooks are distributed file by file.
+JOBS       ?= 2
+
+VPY   := $(VENV)/bin/python
+STAMP := $(VENV)/.hybridlab-installed
+
+.PHONY: install lab test test-unit test-notebooks test-browser lint format bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q $(TORCH_SPEC)
+	$(VPY) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(ARGS)
+
+# Unit tests (Triton runs through its interpreter on CPU) and every notebook under nbval in smoke mode.
+test: $(STAMP)
+	$(MAKE) --no-print-directory test-unit
+	$(MAKE) --no-print-directory test-notebooks
+
+test-unit: $(STAMP)
+	OMP_NUM_THREADS=1 $(VPY) -m pytest -n $(JOBS) tests $(ARGS)
+
+test-notebooks: $(STAMP)
+	HYBRIDLAB_SMOKE=1 OMP_NUM_THREADS=1 MPLBACKEND=Agg $(VPY) -m pytest -n $(JOBS) --dist loadfile \
+		--nbval-lax --nbval-current-env -p no:randomly notebooks $(ARGS)
+
+test-browser: $(STAMP)
+	$(VPY) -m pytest -m browser tests/browser $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check hybridlab tests benchmarks
+	$(VENV)/bin/ruff format --check hybridlab tests benchmarks
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix hybridlab tests benchmarks
+	$(VENV)/bin/ruff format hybridlab tests benchmarks
+
+bench: $(STAMP)
+	$(VPY) -m hybridlab.bench dense $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

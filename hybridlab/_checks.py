@@ -1,0 +1,76 @@
+"""Input validation shared by the estimators: every error names the argument and the shapes."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def shape_of(x: torch.Tensor) -> str:
+    return "[" + ", ".join(str(d) for d in x.shape) + "]"
+
+
+def check_tensor(name: str, x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_float(name: str, x: torch.Tensor) -> None:
+    check_tensor(name, x)
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be a floating tensor (fp16/bf16/fp32/fp64), got {x.dtype} {shape_of(x)}")
+
+
+def check_logits_pair(student: torch.Tensor, teacher: torch.Tensor, s_name: str, t_name: str) -> None:
+    check_float(s_name, student)
+    check_float(t_name, teacher)
+    if student.dim() < 1:
+        raise ValueError(f"{s_name} must have a vocabulary dimension, got shape {shape_of(student)}")
+    if student.shape[-1] != teacher.shape[-1]:
+        raise ValueError(
+            f"vocabulary mismatch: {s_name} {shape_of(student)} has V={student.shape[-1]} but "
+            f"{t_name} {shape_of(teacher)} has V={teacher.shape[-1]} (student and teacher must share a tokenizer)"
+        )
+    if student.shape != teacher.shape:
+        raise ValueError(f"shape mismatch: {s_name} {shape_of(student)} vs {t_name} {shape_of(teacher)}")
+    if student.device != teacher.device:
+        raise ValueError(f"device mismatch: {s_name} on {student.device}, {t_name} on {teacher.device}")
+    if student.shape[-1] == 0:
+        raise ValueError(f"{s_name} has an empty vocabulary: shape {shape_of(student)}")
+
+
+def check_mask(mask: torch.Tensor | None, batch_shape: torch.Size, ref_name: str, device) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    check_tensor("mask", mask)
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor, got {mask.dtype} {shape_of(mask)}")
+    if tuple(mask.shape) != tuple(batch_shape):
+        raise ValueError(
+            f"mask shape {shape_of(mask)} must equal {ref_name}'s shape without the vocabulary "
+            f"dimension: [{', '.join(str(d) for d in batch_shape)}]"
+        )
+    if mask.device != device:
+        raise ValueError(f"device mismatch: mask on {mask.device}, {ref_name} on {device}")
+    return mask
+
+
+def check_temperature(temperature: float) -> float:
+    t = float(temperature)
+    if not (t > 0.0) or t == float("inf"):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    return t
+
+
+def describe_nonfinite(name: str, x: torch.Tensor, rows: torch.Tensor | None = None) -> str | None:
+    """Say what is wrong with `x` ([N, V]) on the given rows: NaN, +inf, or a row with no finite entry."""
+    sub = x if rows is None else x[rows]
+    if torch.isnan(sub).any():
+        return f"{name} {shape_of(x)} contains NaN"
+    if torch.isposinf(sub).any():
+        return f"{name} {shape_of(x)} contains +inf (only -inf is legal: it marks a token with probability 0)"
+    if sub.numel() and torch.isneginf(sub).all(dim=-1).any():
+        return f"{name} {shape_of(x)} has a row whose entries are all -inf (no probability mass)"
+    return None

@@ -1,0 +1,213 @@
+"""Dense gradient: the full-vocabulary reverse KL per visited state and its closed-form logit gradient.
+
+For student logits z in R^V at sampling temperature tau, p = softmax(z / tau), and teacher probabilities q,
+
+    KL(p || q)          = sum_j p_j (log p_j - log q_j)
+    d KL / d z_j        = (1 / tau) * p_j * (log p_j - log q_j - KL)
+
+with 0 log 0 = 0: a -inf logit (padded or banned token) on either side is legal where the student gives it
+probability 0. A teacher probability of 0 where the student has mass makes the KL infinite: that is an error
+unless `teacher_floor` asks for an explicit clamp of log q.
+
+Two implementations live behind one `autograd.Function`:
+- "torch": the closed form in PyTorch, chunked over rows so a 150k vocabulary costs one [chunk, V] fp32
+  workspace, not several [N, V] ones;
+- "triton": the fused kernel in `hybridlab.kernels.dense_kl_triton` (loss and gradient in one launch).
+`dense_kl_reference` is the plain autograd-through-log_softmax version most code uses; tests and benchmarks
+compare against it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import (
+    check_logits_pair,
+    check_mask,
+    check_temperature,
+    describe_nonfinite,
+    shape_of,
+)
+
+# Elements per row chunk of the torch backend's fp32 workspace (about 64 MB per temporary).
+TORCH_CHUNK_ELEMENTS = 1 << 24
+
+# impl(student [N,V], teacher [N,V], active_rows [N] bool | None, temperature, need_grad, teacher_floor)
+#   -> (kl [N] fp32/fp64 with 0 on inactive rows, grad [N,V] in student's dtype (0 on inactive rows) | None)
+DenseImpl = Callable[..., tuple[torch.Tensor, "torch.Tensor | None"]]
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """fp64 if any input is fp64 (exact enumeration), else fp32 (bf16/fp16 inputs accumulate in fp32)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def dense_kl_reference(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """KL(softmax(z / tau) || softmax(t)) per row by autograd through log_softmax (the usual way).
+
+    Shapes: [..., V] x [..., V] -> [...]. Computed in fp32 (fp64 for fp64 inputs); 0 log 0 = 0.
+    """
+    cdt = compute_dtype(student_logits, teacher_logits)
+    logp = F.log_softmax(student_logits.to(cdt) / temperature, dim=-1)
+    logq = F.log_softmax(teacher_logits.to(cdt), dim=-1)
+    p = logp.exp()
+    live = p > 0
+    # where() on both logs keeps -inf - -inf = NaN out of the forward *and* the backward pass.
+    diff = torch.where(live, logp, 0.0) - torch.where(live, logq, 0.0)
+    return (p * diff).sum(-1)
+
+
+def _torch_impl(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    active: torch.Tensor | None,
+    temperature: float,
+    need_grad: bool,
+    teacher_floor: float | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    n, v = student.shape
+    cdt = compute_dtype(student, teacher)
+    kl = torch.zeros(n, dtype=cdt, device=student.device)
+    grad = None
+    if need_grad:
+        grad = torch.zeros_like(student) if active is not None else torch.empty_like(student)
+    rows = None if active is None else active.nonzero().squeeze(1)
+    n_rows = n if rows is None else rows.numel()
+    chunk = max(1, TORCH_CHUNK_ELEMENTS // v)
+    for start in range(0, n_rows, chunk):
+        sel = slice(start, min(start + chunk, n_rows)) if rows is None else rows[start : start + chunk]
+        logp = torch.log_softmax(student[sel].to(cdt) / temperature, dim=-1)
+        logq = torch.log_softmax(teacher[sel].to(cdt), dim=-1)
+        if teacher_floor is not None:
+            logq = logq.clamp_min(teacher_floor)
+        p = logp.exp()
+        diff = torch.where(p > 0, logp - logq, 0.0)  # 0 log 0 = 0, also when both sides are -inf
+        kl_rows = (p * diff).sum(-1)
+        kl[sel] = kl_rows
+        if grad is not None:
+            grad[sel] = (p * (diff - kl_rows[:, None]) / temperature).to(student.dtype)
+    return kl, grad
+
+
+def _triton_impl(*args, **kwargs):
+    from .kernels.dense_kl_triton import dense_kl_triton_impl
+
+    return dense_kl_triton_impl(*args, **kwargs)
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise ValueError("backend='triton' needs the triton package (pip install triton)")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"backend='triton' on {device.type} tensors needs TRITON_INTERPRET=1 set before triton is "
+                "imported (Triton's CPU interpreter); use backend='torch' or CUDA tensors"
+            )
+    return backend
+
+
+_IMPLS: dict[str, DenseImpl] = {"torch": _torch_impl, "triton": _triton_impl}
+
+
+class DenseKLFunction(torch.autograd.Function):
+    """Loss and closed-form gradient in the forward pass; backward scales the saved gradient by the upstream one."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, active, temperature, teacher_floor, backend, inplace_backward):
+        need_grad = ctx.needs_input_grad[0]
+        kl, grad = _IMPLS[backend](student, teacher, active, temperature, need_grad, teacher_floor)
+        if not torch.isfinite(kl).all():  # one cheap check on [N]; the costly diagnosis only on failure
+            raise ValueError(_diagnose(student, teacher, active, kl, teacher_floor))
+        ctx.inplace = inplace_backward
+        ctx.consumed = False
+        if need_grad:
+            ctx.save_for_backward(grad)
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        if ctx.consumed:
+            raise RuntimeError(
+                "dense_kl's saved gradient was already used by a backward pass (it is scaled in place to save "
+                "an [N, V] buffer); call dense_kl(..., inplace_backward=False) to backpropagate more than once"
+            )
+        (grad,) = ctx.saved_tensors
+        scale = grad_kl.to(torch.float32 if grad.dtype != torch.float64 else grad.dtype)[:, None]
+        if ctx.inplace:
+            ctx.consumed = True
+            out = grad.mul_(scale)  # bf16/fp16 x fp32 is computed in fp32, rounded once into the buffer
+        else:
+            out = (grad * scale).to(grad.dtype)
+        return out, None, None, None, None, None, None
+
+
+def _diagnose(student, teacher, active, kl, teacher_floor) -> str:
+    rows = active
+    for name, x in (("student_logits", student), ("teacher_logits", teacher)):
+        msg = describe_nonfinite(name, x, rows)
+        if msg:
+            return msg
+    bad = (~torch.isfinite(kl)).nonzero()
+    r = int(bad[0, 0]) if bad.numel() else -1
+    return (
+        f"infinite KL: teacher_logits {shape_of(teacher)} gives probability 0 (a -inf logit) to a token the "
+        f"student_logits {shape_of(student)} give mass (first such row: {r}); pass teacher_floor=<log-prob, "
+        "e.g. -30.0> to clamp log q explicitly, or mask those rows"
+    )
+
+
+def dense_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    backend: str = "auto",
+    teacher_floor: float | None = None,
+    inplace_backward: bool = True,
+) -> torch.Tensor:
+    """Full-vocabulary reverse KL(softmax(student / temperature) || softmax(teacher)) per position.
+
+    Args:
+        student_logits: [..., V], any float dtype; receives the closed-form gradient.
+        teacher_logits: [..., V] logits or log-probs (log_softmax is idempotent); never receives a gradient.
+        temperature: the student's sampling temperature tau (the teacher is taken as given).
+        mask: [...] bool; False positions get KL 0 and gradient 0 and are not computed.
+        backend: "auto" (Triton on CUDA, torch otherwise), "torch" or "triton".
+        teacher_floor: None (an infinite KL is an error) or a log-probability at which log q is clamped.
+        inplace_backward: scale the saved [N, V] gradient in place (saves memory; one backward only).
+
+    Returns:
+        [...] KL in fp32 (fp64 for fp64 inputs).
+    """
+    check_logits_pair(student_logits, teacher_logits, "student_logits", "teacher_logits")
+    tau = check_temperature(temperature)
+    batch_shape = student_logits.shape[:-1]
+    check_mask(mask, batch_shape, "student_logits", student_logits.device)
+    name = resolve_backend(backend, student_logits.device)
+    v = student_logits.shape[-1]
+    z = student_logits.reshape(-1, v)
+    t = teacher_logits.detach().reshape(-1, v)
+    active = None if mask is None else mask.reshape(-1)
+    floor = None if teacher_floor is None else float(teacher_floor)
+    kl = DenseKLFunction.apply(z, t, active, tau, floor, name, inplace_backward)
+    return kl.reshape(batch_shape)

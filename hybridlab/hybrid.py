@@ -1,0 +1,196 @@
+"""`hybrid_loss`: the surrogate whose gradient is the dense + sparse estimate of grad J.
+
+    J(theta) = E_y[ lam R(x, y) ] - beta KL(pi_theta || pi_T)            (maximised)
+
+    loss = dense + sparse                                                 (minimised)
+    dense  =  beta * sum_b c_b sum_t KL_t(s_t)                            (closed-form logit gradient)
+    sparse = -sum_b c_b sum_t log pi(y_t | s_t) * stopgrad(A_t)           (score function)
+    A_t    = lam R - beta * sum_{t' > t} gamma^(t'-t) khat_t' - b(s_t)
+
+with c_b = w_b / B for normalize="sequences", so that -B * grad(loss) estimates grad J without bias, and
+equals grad J exactly when every sequence is enumerated with w_b = pi(y_b).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._checks import check_logits_pair, check_mask, check_temperature, check_tensor, shape_of
+from .dense import dense_kl
+from .sparse import (
+    FUTURE_ESTIMATORS,
+    combined_returns,
+    future_sum,
+    kl_estimate,
+    selected_logprobs,
+    state_baseline,
+)
+
+NORMALIZATIONS = ("sequences", "tokens", "per_sequence")
+
+
+@dataclass
+class HybridLossOutput:
+    """What `hybrid_loss` returns. Tensors of shape [B, T] are detached diagnostics (0 on padding)."""
+
+    loss: torch.Tensor  # scalar to minimise; == dense + sparse
+    dense: torch.Tensor  # scalar
+    sparse: torch.Tensor  # scalar
+    kl: torch.Tensor  # [B, T] analytic KL_t at each visited state
+    logratio: torch.Tensor  # [B, T] k1 at the sampled token
+    returns: torch.Tensor  # [B, T] lam R - beta * future KL
+    baseline: torch.Tensor  # [B, T]
+    advantages: torch.Tensor  # [B, T] returns - baseline
+    token_weights: torch.Tensor  # [B] c_b: the multiplier of each sequence's token sum
+    grad_norms: dict[str, float] | None = None  # {"dense", "sparse", "total", "cosine"} when asked
+
+
+def _normalizer(normalize, mask: torch.Tensor, seq_weights: torch.Tensor | None, dtype) -> torch.Tensor:
+    b = mask.shape[0]
+    w = torch.ones(b, dtype=dtype, device=mask.device) if seq_weights is None else seq_weights.to(dtype)
+    lengths = mask.sum(1).to(dtype)
+    if isinstance(normalize, (int, float)) and not isinstance(normalize, bool):
+        if not normalize > 0:
+            raise ValueError(f"normalize as a constant must be > 0, got {normalize!r}")
+        return w / float(normalize)
+    if normalize == "sequences":  # unbiased: sum over tokens / number of sequences
+        return w / b
+    if normalize == "tokens":  # token mean over the batch: the random denominator biases it slightly
+        return w / lengths.sum().clamp_min(1.0)
+    if normalize == "per_sequence":  # 1/|y| per sequence: changes the objective (favours short answers' tokens)
+        return w / (b * lengths.clamp_min(1.0))
+    raise ValueError(f"normalize must be one of {NORMALIZATIONS} or a positive number, got {normalize!r}")
+
+
+def hybrid_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    actions: torch.Tensor,
+    rewards: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    beta: float = 1.0,
+    lam: float = 1.0,
+    future: str = "analytic",
+    gamma: float = 1.0,
+    baseline: str | torch.Tensor = "none",
+    group_size: int | None = None,
+    temperature: float = 1.0,
+    normalize: str | float = "sequences",
+    seq_weights: torch.Tensor | None = None,
+    backend: str = "auto",
+    teacher_floor: float | None = None,
+    parameters: list[torch.nn.Parameter] | None = None,
+) -> HybridLossOutput:
+    """The hybrid imitation + RL surrogate loss over a batch of sampled responses.
+
+    Args:
+        student_logits: [B, T, V]; row t produced actions[:, t] (the caller shifts).
+        teacher_logits: [B, T, V] teacher logits or log-probs at the same states (no gradient).
+        actions: [B, T] integer token ids; rewards: [B] task rewards R(x, y).
+        mask: [B, T] bool response tokens (padding False); default all True.
+        beta, lam: weights of the KL and the reward in J (only lam / beta matters up to the step size).
+        future: estimator of the future KL in the return: "analytic" | "k1" | "k3" | "none" (myopic control).
+        gamma: discount of the future-KL sum; 1 is the exact objective, < 1 optimises a different one.
+        baseline: "none" | "reward_group" | "return_group" (leave-one-out over `group_size` contiguous
+            samples per prompt) | a [B, T] tensor b(s_t).
+        temperature: the rollout's sampling temperature; the same softmax in both terms.
+        normalize: "sequences" (unbiased default) | "tokens" | "per_sequence" | a positive constant.
+        seq_weights: [B] multipliers (e.g. exact sequence probabilities when enumerating).
+        parameters: if given, also report the dense and sparse parts' gradient norms and their cosine
+            (costs two extra backward passes).
+    """
+    check_logits_pair(student_logits, teacher_logits, "student_logits", "teacher_logits")
+    if student_logits.dim() != 3:
+        raise ValueError(f"student_logits must be [B, T, V], got {shape_of(student_logits)}")
+    b, t, v = student_logits.shape
+    check_tensor("actions", actions)
+    if actions.dtype.is_floating_point or actions.dtype == torch.bool or actions.is_complex():
+        raise ValueError(f"actions must be an integer tensor, got {actions.dtype} {shape_of(actions)}")
+    if tuple(actions.shape) != (b, t):
+        raise ValueError(f"actions {shape_of(actions)} must be [B, T] = [{b}, {t}] like student_logits")
+    check_tensor("rewards", rewards)
+    if tuple(rewards.shape) != (b,):
+        raise ValueError(f"rewards {shape_of(rewards)} must be [B] = [{b}]")
+    if not torch.isfinite(rewards).all():
+        raise ValueError(f"rewards {shape_of(rewards)} contains NaN or inf")
+    if mask is None:
+        mask = torch.ones(b, t, dtype=torch.bool, device=student_logits.device)
+    check_mask(mask, (b, t), "student_logits", student_logits.device)
+    if seq_weights is not None and tuple(check_tensor("seq_weights", seq_weights).shape) != (b,):
+        raise ValueError(f"seq_weights {shape_of(seq_weights)} must be [B] = [{b}]")
+    if ((actions < 0) | (actions >= v))[mask].any():
+        raise ValueError(f"actions {shape_of(actions)} has ids outside [0, V={v}) on unmasked tokens")
+    if future not in FUTURE_ESTIMATORS:
+        raise ValueError(f"future must be one of {FUTURE_ESTIMATORS}, got {future!r}")
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must lie in [0, 1], got {gamma!r}")
+    tau = check_temperature(temperature)
+
+    # Dense term: analytic KL per visited state (also the Rao-Blackwellised future estimate).
+    kl = dense_kl(
+        student_logits,
+        teacher_logits,
+        temperature=tau,
+        mask=mask,
+        backend=backend,
+        teacher_floor=teacher_floor,
+        inplace_backward=parameters is None,
+    )
+    dtype = kl.dtype
+    c = _normalizer(normalize, mask, seq_weights, dtype)  # [B]
+    dense = beta * (c * kl.sum(1)).sum()
+
+    # Sparse term: score function times the (detached) combined return.
+    logp = selected_logprobs(student_logits, actions, tau)
+    with torch.no_grad():
+        zero = torch.zeros((), dtype=dtype, device=mask.device)
+        teacher_logp = torch.log_softmax(teacher_logits.to(dtype), dim=-1).gather(
+            -1, actions.clamp(0, v - 1)[..., None]
+        )[..., 0]
+        if teacher_floor is not None:
+            teacher_logp = teacher_logp.clamp_min(teacher_floor)
+        logratio = torch.where(mask, logp.detach() - teacher_logp, zero)
+        if future == "analytic":
+            k_future = kl.detach()
+        elif future == "none":
+            k_future = torch.zeros_like(kl)
+        else:
+            k_future = kl_estimate(logp.detach(), teacher_logp, future)
+        fut = future_sum(k_future, mask, gamma if future != "none" else 0.0)
+        returns = combined_returns(rewards, fut, mask, lam=lam, beta=beta)
+        base = state_baseline(baseline, rewards, returns, mask, lam=lam, group_size=group_size)
+        adv = torch.where(mask, returns - base, zero)
+    sparse = -(c[:, None] * torch.where(mask, logp, zero) * adv).sum()
+
+    grad_norms = None
+    if parameters is not None:
+        grad_norms = _part_grad_norms(dense, sparse, list(parameters))
+    return HybridLossOutput(
+        loss=dense + sparse,
+        dense=dense,
+        sparse=sparse,
+        kl=kl.detach(),
+        logratio=logratio,
+        returns=returns,
+        baseline=torch.where(mask, base, zero),
+        advantages=adv,
+        token_weights=c.detach(),
+        grad_norms=grad_norms,
+    )
+
+
+def _flat_grad(y: torch.Tensor, params: list[torch.nn.Parameter]) -> torch.Tensor:
+    if not y.requires_grad:
+        return torch.cat([torch.zeros_like(p).reshape(-1) for p in params])
+    gs = torch.autograd.grad(y, params, retain_graph=True, allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(gs, params)])
+
+
+def _part_grad_norms(dense: torch.Tensor, sparse: torch.Tensor, params) -> dict[str, float]:
+    gd, gs = _flat_grad(dense, params), _flat_grad(sparse, params)
+    nd, ns = gd.norm(), gs.norm()
+    cos = (gd @ gs) / (nd * ns) if nd > 0 and ns > 0 else torch.zeros(())
+    return {"dense": float(nd), "sparse": float(ns), "total": float((gd + gs).norm()), "cosine": float(cos)}

@@ -1,0 +1,149 @@
+"""Sparse gradient: the Monte Carlo part of the decomposition (task reward plus *future* KL).
+
+    sparse = E_y [ sum_t grad log pi(y_t | s_t) * ( lam R - beta * sum_{t' > t} gamma^(t'-t) k_t' - b(s_t) ) ]
+
+The current step's log-ratio is not in the return: its conditional expectation is grad KL_t, which the
+dense term computes analytically. `k_t'` may be any unbiased estimate of KL_t'(s_t'): "k1" (log-ratio),
+"k3" (r - 1 - log r, r = pi_T / pi_theta at the sampled token) or "analytic" (the full-vocabulary KL at the
+visited state, lowest variance). gamma < 1 changes the objective (gamma = 0 is the myopic rule).
+
+Everything here is plain tensor math over [B, T] with a bool mask of response tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .dense import TORCH_CHUNK_ELEMENTS, compute_dtype
+
+FUTURE_ESTIMATORS = ("analytic", "k1", "k3", "none")
+
+
+class _SelectedLogprob(torch.autograd.Function):
+    """log softmax(z / tau)[a] per row; backward (onehot(a) - p) / tau, chunked (no autograd [N, V] graph)."""
+
+    @staticmethod
+    def forward(ctx, z, actions, temperature):
+        n, v = z.shape
+        cdt = compute_dtype(z)
+        lse = torch.empty(n, dtype=cdt, device=z.device)
+        chunk = max(1, TORCH_CHUNK_ELEMENTS // v)
+        for s in range(0, n, chunk):
+            lse[s : s + chunk] = torch.logsumexp(z[s : s + chunk].to(cdt) / temperature, dim=-1)
+        picked = z.gather(1, actions[:, None]).squeeze(1).to(cdt) / temperature
+        ctx.save_for_backward(z, actions, lse)
+        ctx.temperature = temperature
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx, g):
+        z, actions, lse = ctx.saved_tensors
+        tau = ctx.temperature
+        n, v = z.shape
+        grad = torch.empty_like(z)
+        chunk = max(1, TORCH_CHUNK_ELEMENTS // v)
+        for s in range(0, n, chunk):
+            gs = g[s : s + chunk].to(lse.dtype)[:, None]
+            p = torch.exp(z[s : s + chunk].to(lse.dtype) / tau - lse[s : s + chunk, None])
+            grad[s : s + chunk] = (-gs * p / tau).to(z.dtype)
+        grad.scatter_add_(1, actions[:, None], (g.to(lse.dtype) / tau).to(z.dtype)[:, None])
+        return grad, None, None
+
+
+def selected_logprobs(logits: torch.Tensor, actions: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature)[actions]: [..., V] x [...] -> [...], differentiable w.r.t. logits."""
+    v = logits.shape[-1]
+    batch = actions.shape
+    out = _SelectedLogprob.apply(logits.reshape(-1, v), actions.reshape(-1).clamp(0, v - 1), temperature)
+    return out.reshape(batch)
+
+
+def kl_estimate(student_logp: torch.Tensor, teacher_logp: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-token unbiased estimate of KL_t from the sampled token's log-probs ([B, T] each).
+
+    k1 = log pi - log pi_T; k3 = r - 1 - log r with r = pi_T / pi (non-negative, lower variance near pi_T).
+    """
+    log_r = teacher_logp - student_logp
+    if kind == "k1":
+        return -log_r
+    if kind == "k3":
+        return torch.expm1(log_r) - log_r
+    raise ValueError(f"kind must be 'k1' or 'k3', got {kind!r}")
+
+
+def future_sum(x: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """F_t = sum_{t' > t} gamma^(t' - t) x_t' over unmasked t' (strictly future): [B, T] -> [B, T].
+
+    gamma = 1 is the exact objective's future KL; gamma = 0 gives zeros (the myopic rule).
+    """
+    x = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    if gamma == 1.0:
+        return x.flip(-1).cumsum(-1).flip(-1) - x
+    if gamma == 0.0:
+        return torch.zeros_like(x)
+    out = torch.zeros_like(x)
+    acc = torch.zeros_like(x[:, 0])
+    for t in range(x.shape[1] - 1, -1, -1):  # F_t = gamma * (x_{t+1} + F_{t+1}); stable for any T
+        out[:, t] = acc
+        acc = gamma * (x[:, t] + acc)
+    return out
+
+
+def group_loo_mean(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Leave-one-out mean over contiguous groups of `group_size` rows: [B, ...] -> [B, ...].
+
+    Row b gets the mean of the other members of its group: independent of b's own sample, so a valid baseline.
+    """
+    b = x.shape[0]
+    if group_size < 2 or b % group_size:
+        raise ValueError(
+            f"group_size must be >= 2 and divide the batch: group_size={group_size}, batch size B={b} "
+            f"(x has shape [{', '.join(map(str, x.shape))}])"
+        )
+    g = x.reshape(b // group_size, group_size, *x.shape[1:])
+    loo = (g.sum(1, keepdim=True) - g) / (group_size - 1)
+    return loo.reshape(x.shape)
+
+
+def combined_returns(
+    rewards: torch.Tensor,
+    future_kl: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    lam: float,
+    beta: float,
+) -> torch.Tensor:
+    """G_t = lam R - beta F_t on response tokens, 0 on padding: [B] x [B, T] -> [B, T]."""
+    g = lam * rewards[:, None].to(future_kl.dtype) - beta * future_kl
+    return torch.where(mask, g, torch.zeros((), dtype=g.dtype, device=g.device))
+
+
+def state_baseline(
+    kind: str | torch.Tensor,
+    rewards: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    lam: float,
+    group_size: int | None,
+) -> torch.Tensor:
+    """b(s_t) [B, T]. "none"; "reward_group": LOO group mean of lam R (ignores the future KL in the return);
+    "return_group": LOO group mean, per position, of the combined return G_t (a finished sample counts lam R);
+    or a [B, T] tensor given by the caller (must not depend on y_t)."""
+    if isinstance(kind, torch.Tensor):
+        if kind.shape != returns.shape:
+            raise ValueError(f"baseline tensor must have shape {list(returns.shape)}, got {list(kind.shape)}")
+        return kind.detach().to(returns.dtype)
+    if kind == "none":
+        return torch.zeros_like(returns)
+    if group_size is None:
+        raise ValueError(f"baseline={kind!r} needs group_size (contiguous samples per prompt)")
+    if kind == "reward_group":
+        loo = group_loo_mean(lam * rewards.to(returns.dtype), group_size)
+        return loo[:, None].expand_as(returns).clone()
+    if kind == "return_group":
+        padded = torch.where(mask, returns, lam * rewards[:, None].to(returns.dtype))
+        return group_loo_mean(padded, group_size)
+    raise ValueError(
+        f"baseline must be 'none', 'reward_group', 'return_group' or a [B, T] tensor, got {kind!r}"
+    )
