@@ -9,6 +9,8 @@ ARGS       ?=
 JOBS       ?= 2
 
 VPY   := $(VENV)/bin/python
+# Jupyter refuses to run as root without --allow-root (containers, CI).
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 STAMP := $(VENV)/.hybridlab-installed
 
 .PHONY: install lab test test-unit test-notebooks test-browser lint format bench clean
@@ -22,7 +24,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(ARGS)
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(ROOT_FLAG) $(ARGS)
 
 # Unit tests (Triton runs through its interpreter on CPU) and every notebook under nbval in smoke mode.
 test: $(STAMP)

@@ -20,7 +20,9 @@ def check_tensor(name: str, x: object) -> torch.Tensor:
 def check_float(name: str, x: torch.Tensor) -> None:
     check_tensor(name, x)
     if x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} must be a floating tensor (fp16/bf16/fp32/fp64), got {x.dtype} {shape_of(x)}")
+        raise ValueError(
+            f"{name} must be a floating tensor (fp16/bf16/fp32/fp64), got {x.dtype} {shape_of(x)}"
+        )
 
 
 def check_logits_pair(student: torch.Tensor, teacher: torch.Tensor, s_name: str, t_name: str) -> None:
@@ -41,7 +43,9 @@ def check_logits_pair(student: torch.Tensor, teacher: torch.Tensor, s_name: str,
         raise ValueError(f"{s_name} has an empty vocabulary: shape {shape_of(student)}")
 
 
-def check_mask(mask: torch.Tensor | None, batch_shape: torch.Size, ref_name: str, device) -> torch.Tensor | None:
+def check_mask(
+    mask: torch.Tensor | None, batch_shape: torch.Size, ref_name: str, device
+) -> torch.Tensor | None:
     if mask is None:
         return None
     check_tensor("mask", mask)

@@ -37,7 +37,9 @@ class SequenceSpace:
 def enumerate_sequences(vocab: int, horizon: int, eos: bool = True) -> SequenceSpace:
     """Every response of at most `horizon` tokens; with `eos`, token `vocab - 1` ends a response."""
     if not 2 <= vocab <= 6 or not 1 <= horizon <= 6:
-        raise ValueError(f"enumeration is for tiny spaces: vocab in [2, 6], horizon in [1, 6]; got {vocab}, {horizon}")
+        raise ValueError(
+            f"enumeration is for tiny spaces: vocab in [2, 6], horizon in [1, 6]; got {vocab}, {horizon}"
+        )
     eos_id = vocab - 1 if eos else None
     body = [a for a in range(vocab) if a != eos_id]
     seqs: list[tuple[int, ...]] = []
@@ -79,7 +81,14 @@ class TinyPolicy(nn.Module):
     """
 
     def __init__(
-        self, vocab: int, horizon: int, *, kind: str = "shared", hidden: int = 8, seed: int = 0, scale: float = 1.0
+        self,
+        vocab: int,
+        horizon: int,
+        *,
+        kind: str = "shared",
+        hidden: int = 8,
+        seed: int = 0,
+        scale: float = 1.0,
     ):
         super().__init__()
         if kind not in ("shared", "tabular"):
@@ -93,7 +102,9 @@ class TinyPolicy(nn.Module):
             self.w2 = nn.Parameter(scale * torch.randn(hidden, vocab, generator=g, dtype=DTYPE) / hidden**0.5)
             self.b2 = nn.Parameter(0.1 * scale * torch.randn(vocab, generator=g, dtype=DTYPE))
         else:
-            self.table = nn.Parameter(scale * torch.randn((vocab + 1) ** horizon, vocab, generator=g, dtype=DTYPE))
+            self.table = nn.Parameter(
+                scale * torch.randn((vocab + 1) ** horizon, vocab, generator=g, dtype=DTYPE)
+            )
 
     def features(self, actions: torch.Tensor) -> torch.Tensor:
         b, h = actions.shape
@@ -165,7 +176,9 @@ def flat_grad(y: torch.Tensor, policy: nn.Module) -> torch.Tensor:
 
 def exact_gradient(policy, teacher, space, reward, *, lam, beta, temperature=1.0) -> torch.Tensor:
     """grad J by autograd through the exact objective: [P] (all parameters flattened)."""
-    return flat_grad(objective(policy, teacher, space, reward, lam=lam, beta=beta, temperature=temperature), policy)
+    return flat_grad(
+        objective(policy, teacher, space, reward, lam=lam, beta=beta, temperature=temperature), policy
+    )
 
 
 def enumerated_loss(policy, teacher, space, reward, *, temperature: float = 1.0, **hybrid_kwargs):

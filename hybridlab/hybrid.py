@@ -59,7 +59,9 @@ def _normalizer(normalize, mask: torch.Tensor, seq_weights: torch.Tensor | None,
         return w / b
     if normalize == "tokens":  # token mean over the batch: the random denominator biases it slightly
         return w / lengths.sum().clamp_min(1.0)
-    if normalize == "per_sequence":  # 1/|y| per sequence: changes the objective (favours short answers' tokens)
+    if (
+        normalize == "per_sequence"
+    ):  # 1/|y| per sequence: changes the objective (favours short answers' tokens)
         return w / (b * lengths.clamp_min(1.0))
     raise ValueError(f"normalize must be one of {NORMALIZATIONS} or a positive number, got {normalize!r}")
 

@@ -1,0 +1,173 @@
+"""hybrid_loss: the exact identity by enumeration, the myopic control, normalisations, bad input."""
+
+import pytest
+import torch
+
+from hybridlab import exact as ex
+from hybridlab import hybrid_loss
+
+
+def _setup(eos: bool, vocab=3, horizon=3, kind="shared"):
+    space = ex.enumerate_sequences(vocab, horizon, eos=eos)
+    student = ex.TinyPolicy(vocab, horizon, kind=kind, seed=1)
+    teacher = ex.TinyPolicy(vocab, horizon, seed=2, scale=2.0)
+    return space, student, teacher, ex.reward_table(space, "random", seed=3)
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("eos", [True, False])
+@pytest.mark.parametrize("lam", [0.0, 1.5])
+@pytest.mark.parametrize("future", ["analytic", "k1", "k3"])
+@pytest.mark.parametrize("temperature", [1.0, 0.8])
+def test_enumerated_estimator_equals_exact_gradient(eos, lam, future, temperature):
+    space, student, teacher, reward = _setup(eos)
+    kw = dict(lam=lam, beta=0.7, temperature=temperature)
+    grad_j = ex.exact_gradient(student, teacher, space, reward, **kw)
+    est = ex.expected_estimate(student, teacher, space, reward, future=future, **kw)
+    assert grad_j.norm() > 1e-3
+    assert _rel(est["total"], grad_j) < 1e-9
+
+
+def test_identity_holds_on_a_larger_space_and_with_state_baseline():
+    space, student, teacher, reward = _setup(True, vocab=4, horizon=4)
+    base = torch.randn(
+        space.size, space.horizon, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
+    # An arbitrary state baseline depends on the row (a whole sequence), not only on s_t: to stay a valid
+    # b(s_t) it must be a function of the prefix; use one value per prefix code.
+    codes = ex.prefix_codes(space.actions, space.vocab)
+    per_state = torch.randn(
+        int(codes.max()) + 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
+    kw = dict(lam=2.0, beta=0.5)
+    grad_j = ex.exact_gradient(student, teacher, space, reward, **kw)
+    est = ex.expected_estimate(student, teacher, space, reward, baseline=per_state[codes], **kw)
+    assert _rel(est["total"], grad_j) < 1e-9
+    # Negative control: a baseline that looks at the sampled token y_t itself is biased.
+    cheating = base + 3.0 * (space.actions == 0)
+    bad = ex.expected_estimate(student, teacher, space, reward, baseline=cheating, **kw)
+    assert _rel(bad["total"], grad_j) > 1e-2
+
+
+@pytest.mark.parametrize("eos", [True, False])
+def test_myopic_control_misses_with_reward(eos):
+    space, student, teacher, reward = _setup(eos)
+    grad_j = ex.exact_gradient(student, teacher, space, reward, lam=1.5, beta=0.7)
+    est = ex.expected_estimate(student, teacher, space, reward, lam=1.5, beta=0.7, future="none")
+    assert _rel(est["total"], grad_j) > 5e-2
+
+
+def test_discount_below_one_changes_the_gradient():
+    space, student, teacher, reward = _setup(True)
+    grad_j = ex.exact_gradient(student, teacher, space, reward, lam=1.0, beta=1.0)
+    est = ex.expected_estimate(student, teacher, space, reward, lam=1.0, beta=1.0, gamma=0.5)
+    assert _rel(est["total"], grad_j) > 1e-2
+
+
+def test_loss_is_dense_plus_sparse_and_diagnostics():
+    space, student, teacher, reward = _setup(True)
+    out = ex.enumerated_loss(
+        student, teacher, space, reward, lam=1.0, beta=0.5, parameters=list(student.parameters())
+    )
+    torch.testing.assert_close(out.loss, out.dense + out.sparse)
+    assert out.kl.shape == space.actions.shape and out.kl[~space.mask].eq(0).all()
+    assert (out.kl[space.mask] >= 0).all()
+    assert set(out.grad_norms) == {"dense", "sparse", "total", "cosine"}
+    assert (
+        out.grad_norms["dense"] > 0 and out.grad_norms["sparse"] > 0 and -1 <= out.grad_norms["cosine"] <= 1
+    )
+    # returns = lam R - beta * future KL, so the last token of each sequence has return lam R
+    last = space.mask.sum(1) - 1
+    r = reward(space.actions, space.mask)
+    torch.testing.assert_close(out.returns[torch.arange(space.size), last], 1.0 * r)
+
+
+def _batch(b=4, t=5, v=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(b, t, v, generator=g, requires_grad=True)
+    tl = torch.randn(b, t, v, generator=g)
+    a = torch.randint(0, v, (b, t), generator=g)
+    r = torch.randn(b, generator=g)
+    m = torch.ones(b, t, dtype=torch.bool)
+    m[0, 3:] = False
+    m[2, 1:] = False
+    return z, tl, a, r, m
+
+
+def test_normalisations_scale_sequences_as_documented():
+    z, tl, a, r, m = _batch()
+    outs = {n: hybrid_loss(z, tl, a, r, mask=m, normalize=n) for n in ("sequences", "tokens", "per_sequence")}
+    b, lengths = m.shape[0], m.sum(1).float()
+    torch.testing.assert_close(outs["sequences"].token_weights, torch.full((b,), 1 / b))
+    torch.testing.assert_close(outs["tokens"].token_weights, torch.full((b,), 1 / lengths.sum()))
+    torch.testing.assert_close(outs["per_sequence"].token_weights, 1 / (b * lengths))
+    const = hybrid_loss(z, tl, a, r, mask=m, normalize=10.0)
+    torch.testing.assert_close(const.loss * 10, outs["sequences"].loss * b)
+
+
+def test_group_baselines():
+    z, tl, a, r, m = _batch()
+    out = hybrid_loss(z, tl, a, r, mask=m, baseline="reward_group", group_size=2, lam=2.0)
+    want = 2.0 * torch.stack([r[1], r[0], r[3], r[2]])
+    torch.testing.assert_close(out.baseline[:, 0], want)
+    out2 = hybrid_loss(z, tl, a, r, mask=m, baseline="return_group", group_size=4, lam=2.0)
+    padded = torch.where(m, out2.returns, 2.0 * r[:, None])
+    torch.testing.assert_close(out2.baseline[1, 0], (padded[0, 0] + padded[2, 0] + padded[3, 0]) / 3)
+    with pytest.raises(ValueError, match="group_size"):
+        hybrid_loss(z, tl, a, r, mask=m, baseline="reward_group", group_size=3)
+
+
+def test_all_false_mask_gives_zero_loss_and_finite_gradients():
+    z, tl, a, r, _ = _batch()
+    m = torch.zeros(4, 5, dtype=torch.bool)
+    for norm in ("sequences", "tokens", "per_sequence"):
+        zz = z.detach().clone().requires_grad_(True)
+        out = hybrid_loss(zz, tl, a, r, mask=m, normalize=norm)
+        out.loss.backward()
+        assert float(out.loss.detach()) == 0.0 and torch.isfinite(zz.grad).all() and zz.grad.eq(0).all()
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda z, tl, a, r, m: (z, tl[..., :-1], a, r, m), "vocabulary mismatch"),
+        (lambda z, tl, a, r, m: (z, tl, a.float(), r, m), "actions must be an integer"),
+        (lambda z, tl, a, r, m: (z, tl, a[:, :-1], r, m), r"actions \[4, 4\]"),
+        (lambda z, tl, a, r, m: (z, tl, a + 7, r, m), "outside"),
+        (lambda z, tl, a, r, m: (z, tl, a, r[:2], m), r"rewards \[2\]"),
+        (lambda z, tl, a, r, m: (z, tl, a, r * float("nan"), m), "rewards .* NaN"),
+        (lambda z, tl, a, r, m: (z, tl, a, r, m[:, :2]), "mask shape"),
+        (lambda z, tl, a, r, m: (z.detach() * float("nan"), tl, a, r, m), "student_logits .* NaN"),
+        (lambda z, tl, a, r, m: (z[0], tl[0], a, r, m), r"must be \[B, T, V\]"),
+    ],
+)
+def test_bad_input(mutate, match):
+    args = mutate(*_batch())
+    with pytest.raises(ValueError, match=match):
+        hybrid_loss(*args[:4], mask=args[4])
+
+
+def test_bad_options():
+    z, tl, a, r, m = _batch()
+    for kw, match in [
+        (dict(future="k2"), "future"),
+        (dict(gamma=1.5), "gamma"),
+        (dict(normalize="mean"), "normalize"),
+        (dict(baseline="ema"), "baseline"),
+        (dict(baseline="return_group"), "group_size"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            hybrid_loss(z, tl, a, r, mask=m, **kw)
+
+
+def test_infinite_kl_is_an_error_or_explicit_clamp():
+    z, tl, a, r, m = _batch()
+    tl = tl.clone()
+    tl[1, 0, 2] = -float("inf")
+    with pytest.raises(ValueError, match="infinite KL"):
+        hybrid_loss(z, tl, a, r, mask=m)
+    out = hybrid_loss(z, tl, a, r, mask=m, teacher_floor=-20.0)
+    assert torch.isfinite(out.loss)

@@ -1,0 +1,59 @@
+"""pyproject.toml and environment.yml list the same dependencies; the package imports without heavy extras."""
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _name(spec: str) -> str:
+    return re.split(r"[<>=!~;\[ ]", spec.strip(), maxsplit=1)[0].lower()
+
+
+def _pyproject_specs() -> dict[str, str]:
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    specs = list(data["dependencies"]) + list(data["optional-dependencies"]["dev"])
+    return {_name(s): s.split(";")[0].replace(" ", "") for s in specs}
+
+
+def _environment_specs() -> dict[str, str]:
+    lines = (ROOT / "environment.yml").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == "- pip:")
+    specs = [line.strip()[2:] for line in lines[start + 1 :] if line.strip().startswith("- ")]
+    return {_name(s): s.replace(" ", "") for s in specs}
+
+
+def test_environment_yml_matches_pyproject():
+    assert _environment_specs() == _pyproject_specs()
+
+
+def test_drift_would_be_caught(tmp_path):
+    specs = _pyproject_specs()
+    specs["torch"] = "torch>=1.0"
+    assert specs != _environment_specs()
+
+
+def test_core_does_not_import_heavy_layers():
+    """The maths layer needs only torch: importing it must not pull transformers, matplotlib or ipywidgets."""
+    code = (
+        "import sys, hybridlab, hybridlab.exact, hybridlab.sparse, hybridlab.dense\n"
+        "bad = [m for m in ('transformers', 'matplotlib', 'ipywidgets', 'accelerate') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_notebooks_are_numbered_and_stored_without_outputs():
+    import json
+
+    books = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    assert books, "no notebooks"
+    for path in books:
+        assert re.match(r"^0\d_[a-z0-9_]+\.ipynb$", path.name), path.name
+        nb = json.loads(path.read_text())
+        for cell in nb["cells"]:
+            if cell["cell_type"] == "code":
+                assert not cell.get("outputs"), f"{path.name} is stored with outputs (strip them)"
