@@ -51,7 +51,7 @@ class Task:
 
 
 def _digits(rng: random.Random, lo: int = 3, hi: int = 6) -> str:
-    return "".join(rng.choice("0123456789") for _ in range(rng.randint(lo, hi)))
+    return "".join(rng.choice("0123456789") for _ in range(rng.randint(lo, hi))) + SEP
 
 
 def _body(prompt: str) -> str:
