@@ -4,7 +4,7 @@ The gradient of  J = E[lam R] - beta KL(pi_theta || pi_T)  splits exactly into a
 full-vocabulary, `dense_kl`) and a sparse part (Monte Carlo, reward plus future KL); `hybrid_loss` is their sum.
 """
 
-from .dense import dense_kl, dense_kl_reference
+from .dense import dense_kl, dense_kl_and_logprobs, dense_kl_reference
 from .hybrid import HybridLossOutput, hybrid_loss
 from .sparse import future_sum, group_loo_mean, kl_estimate, selected_logprobs
 
@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 __all__ = [
     "HybridLossOutput",
     "dense_kl",
+    "dense_kl_and_logprobs",
     "dense_kl_reference",
     "future_sum",
     "group_loo_mean",

@@ -32,18 +32,13 @@ from ._checks import (
     describe_nonfinite,
     shape_of,
 )
-
-# Elements per row chunk of the torch backend's fp32 workspace (about 64 MB per temporary).
-TORCH_CHUNK_ELEMENTS = 1 << 24
+from ._logits import CHUNK_ELEMENTS, add_score_grad, compute_dtype, row_logsumexp, selected_logprob
 
 # impl(student [N,V], teacher [N,V], active_rows [N] bool | None, temperature, need_grad, teacher_floor)
 #   -> (kl [N] fp32/fp64 with 0 on inactive rows, grad [N,V] in student's dtype (0 on inactive rows) | None)
 DenseImpl = Callable[..., tuple[torch.Tensor, "torch.Tensor | None"]]
 
-
-def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """fp64 if any input is fp64 (exact enumeration), else fp32 (bf16/fp16 inputs accumulate in fp32)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+TORCH_CHUNK_ELEMENTS = CHUNK_ELEMENTS  # rows per chunk = CHUNK_ELEMENTS // V
 
 
 def dense_kl_reference(
@@ -129,35 +124,51 @@ _IMPLS: dict[str, DenseImpl] = {"torch": _torch_impl, "triton": _triton_impl}
 
 
 class DenseKLFunction(torch.autograd.Function):
-    """Loss and closed-form gradient in the forward pass; backward scales the saved gradient by the upstream one."""
+    """Loss and closed-form gradient in the forward pass; backward scales the saved gradient by the upstream one.
+
+    With `actions` it also returns log pi(a_t | s_t) at the sampled tokens, and its backward adds the score
+    gradient (onehot(a) - p) / tau into the *same* saved [N, V] buffer: the whole hybrid loss then costs one
+    [N, V] gradient buffer instead of three (dense, sparse and their sum).
+    """
 
     @staticmethod
-    def forward(ctx, student, teacher, active, temperature, teacher_floor, backend, inplace_backward):
+    def forward(
+        ctx, student, teacher, active, actions, temperature, teacher_floor, backend, inplace_backward
+    ):
+        ctx.set_materialize_grads(False)
         need_grad = ctx.needs_input_grad[0]
         kl, grad = _IMPLS[backend](student, teacher, active, temperature, need_grad, teacher_floor)
         if not torch.isfinite(kl).all():  # one cheap check on [N]; the costly diagnosis only on failure
             raise ValueError(_diagnose(student, teacher, active, kl, teacher_floor))
         ctx.inplace = inplace_backward
         ctx.consumed = False
+        ctx.temperature = temperature
+        logp = lse = None
+        if actions is not None:
+            lse = row_logsumexp(student, temperature)
+            logp = selected_logprob(student, actions, lse, temperature)
         if need_grad:
-            ctx.save_for_backward(grad)
-        return kl
+            ctx.save_for_backward(grad, student, actions, lse)
+        return kl, logp
 
     @staticmethod
-    def backward(ctx, grad_kl):
+    def backward(ctx, grad_kl, grad_logp):
         if ctx.consumed:
             raise RuntimeError(
                 "dense_kl's saved gradient was already used by a backward pass (it is scaled in place to save "
                 "an [N, V] buffer); call dense_kl(..., inplace_backward=False) to backpropagate more than once"
             )
-        (grad,) = ctx.saved_tensors
-        scale = grad_kl.to(torch.float32 if grad.dtype != torch.float64 else grad.dtype)[:, None]
-        if ctx.inplace:
-            ctx.consumed = True
-            out = grad.mul_(scale)  # bf16/fp16 x fp32 is computed in fp32, rounded once into the buffer
+        grad, student, actions, lse = ctx.saved_tensors
+        out = grad if ctx.inplace else grad.clone()
+        ctx.consumed = ctx.inplace
+        if grad_kl is None:
+            out.zero_()
         else:
-            out = (grad * scale).to(grad.dtype)
-        return out, None, None, None, None, None, None
+            # bf16/fp16 x fp32 is computed in fp32 and rounded once into the buffer
+            out.mul_(grad_kl.to(torch.float64 if grad.dtype == torch.float64 else torch.float32)[:, None])
+        if grad_logp is not None:
+            add_score_grad(out, student, actions, lse, grad_logp, ctx.temperature)
+        return out, None, None, None, None, None, None, None
 
 
 def _diagnose(student, teacher, active, kl, teacher_floor) -> str:
@@ -209,5 +220,40 @@ def dense_kl(
     t = teacher_logits.detach().reshape(-1, v)
     active = None if mask is None else mask.reshape(-1)
     floor = None if teacher_floor is None else float(teacher_floor)
-    kl = DenseKLFunction.apply(z, t, active, tau, floor, name, inplace_backward)
+    kl, _ = DenseKLFunction.apply(z, t, active, None, tau, floor, name, inplace_backward)
     return kl.reshape(batch_shape)
+
+
+def dense_kl_and_logprobs(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    actions: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    backend: str = "auto",
+    teacher_floor: float | None = None,
+    inplace_backward: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`dense_kl` plus log pi(actions | s) at temperature tau, sharing one [N, V] gradient buffer.
+
+    Shapes: [..., V], [..., V], [...] long -> ([...] KL, [...] log-prob); both differentiable w.r.t. the student
+    logits. This is what `hybrid_loss` uses: its dense term needs the KL, its sparse term the log-probs.
+    """
+    check_logits_pair(student_logits, teacher_logits, "student_logits", "teacher_logits")
+    tau = check_temperature(temperature)
+    batch_shape = student_logits.shape[:-1]
+    check_mask(mask, batch_shape, "student_logits", student_logits.device)
+    if tuple(actions.shape) != tuple(batch_shape):
+        raise ValueError(
+            f"actions {shape_of(actions)} must have the logits' shape without V: {list(batch_shape)}"
+        )
+    name = resolve_backend(backend, student_logits.device)
+    v = student_logits.shape[-1]
+    z = student_logits.reshape(-1, v)
+    t = teacher_logits.detach().reshape(-1, v)
+    a = actions.reshape(-1).clamp(0, v - 1)
+    active = None if mask is None else mask.reshape(-1)
+    floor = None if teacher_floor is None else float(teacher_floor)
+    kl, logp = DenseKLFunction.apply(z, t, active, a, tau, floor, name, inplace_backward)
+    return kl.reshape(batch_shape), logp.reshape(batch_shape)

@@ -18,13 +18,12 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import check_logits_pair, check_mask, check_temperature, check_tensor, shape_of
-from .dense import dense_kl
+from .dense import dense_kl_and_logprobs
 from .sparse import (
     FUTURE_ESTIMATORS,
     combined_returns,
     future_sum,
     kl_estimate,
-    selected_logprobs,
     state_baseline,
 )
 
@@ -132,9 +131,10 @@ def hybrid_loss(
     tau = check_temperature(temperature)
 
     # Dense term: analytic KL per visited state (also the Rao-Blackwellised future estimate).
-    kl = dense_kl(
+    kl, logp = dense_kl_and_logprobs(
         student_logits,
         teacher_logits,
+        actions,
         temperature=tau,
         mask=mask,
         backend=backend,
@@ -146,7 +146,6 @@ def hybrid_loss(
     dense = beta * (c * kl.sum(1)).sum()
 
     # Sparse term: score function times the (detached) combined return.
-    logp = selected_logprobs(student_logits, actions, tau)
     with torch.no_grad():
         zero = torch.zeros((), dtype=dtype, device=mask.device)
         teacher_logp = torch.log_softmax(teacher_logits.to(dtype), dim=-1).gather(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .dense import TORCH_CHUNK_ELEMENTS, compute_dtype
+from ._logits import add_score_grad, row_logsumexp, selected_logprob
 
 FUTURE_ESTIMATORS = ("analytic", "k1", "k3", "none")
 
@@ -24,30 +24,15 @@ class _SelectedLogprob(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, actions, temperature):
-        n, v = z.shape
-        cdt = compute_dtype(z)
-        lse = torch.empty(n, dtype=cdt, device=z.device)
-        chunk = max(1, TORCH_CHUNK_ELEMENTS // v)
-        for s in range(0, n, chunk):
-            lse[s : s + chunk] = torch.logsumexp(z[s : s + chunk].to(cdt) / temperature, dim=-1)
-        picked = z.gather(1, actions[:, None]).squeeze(1).to(cdt) / temperature
+        lse = row_logsumexp(z, temperature)
         ctx.save_for_backward(z, actions, lse)
         ctx.temperature = temperature
-        return picked - lse
+        return selected_logprob(z, actions, lse, temperature)
 
     @staticmethod
     def backward(ctx, g):
         z, actions, lse = ctx.saved_tensors
-        tau = ctx.temperature
-        n, v = z.shape
-        grad = torch.empty_like(z)
-        chunk = max(1, TORCH_CHUNK_ELEMENTS // v)
-        for s in range(0, n, chunk):
-            gs = g[s : s + chunk].to(lse.dtype)[:, None]
-            p = torch.exp(z[s : s + chunk].to(lse.dtype) / tau - lse[s : s + chunk, None])
-            grad[s : s + chunk] = (-gs * p / tau).to(z.dtype)
-        grad.scatter_add_(1, actions[:, None], (g.to(lse.dtype) / tau).to(z.dtype)[:, None])
-        return grad, None, None
+        return add_score_grad(torch.zeros_like(z), z, actions, lse, g, ctx.temperature), None, None
 
 
 def selected_logprobs(logits: torch.Tensor, actions: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

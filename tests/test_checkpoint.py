@@ -38,7 +38,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     random.seed(1)
     np.random.seed(1)
     model, opt, sched = _make()
-    for s in range(1, 5):
+    for _ in range(4):
         _step(model, opt, sched)
     save_checkpoint(tmp_path, 4, model, opt, sched, extra={"history": [1.0, 2.0]})
     for _ in range(3):  # work after the checkpoint that the "crash" loses
