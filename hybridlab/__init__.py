@@ -5,12 +5,19 @@ full-vocabulary, `dense_kl`) and a sparse part (Monte Carlo, reward plus future 
 """
 
 from .dense import dense_kl, dense_kl_and_logprobs, dense_kl_reference
+from .fused_linear import fused_linear_dense_kl
 from .hybrid import HybridLossOutput, hybrid_loss
 from .sparse import future_sum, group_loo_mean, kl_estimate, selected_logprobs
+from .topk import TopKTeacher, dense_kl_topk, dense_kl_topk_renormalized, topk_from_logits
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "TopKTeacher",
+    "dense_kl_topk",
+    "dense_kl_topk_renormalized",
+    "fused_linear_dense_kl",
+    "topk_from_logits",
     "HybridLossOutput",
     "dense_kl",
     "dense_kl_and_logprobs",

@@ -128,11 +128,15 @@ def load_checkpoint(
     path = Path(path)
     device = next(model.parameters()).device
     try:
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False, device=str(device))
+        missing, unexpected = load_model(
+            model, str(path / "model.safetensors"), strict=False, device=str(device)
+        )
     except RuntimeError as e:  # shape mismatches
         raise ValueError(f"checkpoint {path} does not fit the model: {e}") from None
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not fit the model: missing {missing}, unexpected {unexpected}")
+        raise ValueError(
+            f"checkpoint {path} does not fit the model: missing {missing}, unexpected {unexpected}"
+        )
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     if optimizer is not None and state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])

@@ -133,14 +133,14 @@ class DenseKLFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, student, teacher, active, actions, temperature, teacher_floor, backend, inplace_backward
+        ctx, student, teacher, active, actions, temperature, teacher_floor, backend, inplace, grad_on
     ):
         ctx.set_materialize_grads(False)
-        need_grad = ctx.needs_input_grad[0]
+        need_grad = ctx.needs_input_grad[0] and grad_on  # grad mode is off inside forward: the caller says
         kl, grad = _IMPLS[backend](student, teacher, active, temperature, need_grad, teacher_floor)
         if not torch.isfinite(kl).all():  # one cheap check on [N]; the costly diagnosis only on failure
             raise ValueError(_diagnose(student, teacher, active, kl, teacher_floor))
-        ctx.inplace = inplace_backward
+        ctx.inplace = inplace
         ctx.consumed = False
         ctx.temperature = temperature
         logp = lse = None
@@ -168,7 +168,7 @@ class DenseKLFunction(torch.autograd.Function):
             out.mul_(grad_kl.to(torch.float64 if grad.dtype == torch.float64 else torch.float32)[:, None])
         if grad_logp is not None:
             add_score_grad(out, student, actions, lse, grad_logp, ctx.temperature)
-        return out, None, None, None, None, None, None, None
+        return out, None, None, None, None, None, None, None, None
 
 
 def _diagnose(student, teacher, active, kl, teacher_floor) -> str:
@@ -220,7 +220,9 @@ def dense_kl(
     t = teacher_logits.detach().reshape(-1, v)
     active = None if mask is None else mask.reshape(-1)
     floor = None if teacher_floor is None else float(teacher_floor)
-    kl, _ = DenseKLFunction.apply(z, t, active, None, tau, floor, name, inplace_backward)
+    kl, _ = DenseKLFunction.apply(
+        z, t, active, None, tau, floor, name, inplace_backward, torch.is_grad_enabled()
+    )
     return kl.reshape(batch_shape)
 
 
@@ -255,5 +257,7 @@ def dense_kl_and_logprobs(
     a = actions.reshape(-1).clamp(0, v - 1)
     active = None if mask is None else mask.reshape(-1)
     floor = None if teacher_floor is None else float(teacher_floor)
-    kl, logp = DenseKLFunction.apply(z, t, active, a, tau, floor, name, inplace_backward)
+    kl, logp = DenseKLFunction.apply(
+        z, t, active, a, tau, floor, name, inplace_backward, torch.is_grad_enabled()
+    )
     return kl.reshape(batch_shape), logp.reshape(batch_shape)

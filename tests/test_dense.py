@@ -161,3 +161,16 @@ def test_bad_mask_and_temperature():
         dense_kl(z, t, temperature=0.0)
     with pytest.raises(ValueError, match="backend"):
         dense_kl(z, t, backend="cuda")
+
+
+def test_no_gradient_work_under_no_grad(monkeypatch):
+    import hybridlab.dense as dense
+
+    seen = []
+    real = dense._IMPLS["torch"]
+    monkeypatch.setitem(dense._IMPLS, "torch", lambda *a: seen.append(a[4]) or real(*a))
+    z = torch.randn(3, 5, requires_grad=True)
+    with torch.no_grad():
+        dense_kl(z, torch.randn(3, 5), backend="torch")
+    dense_kl(z, torch.randn(3, 5), backend="torch")
+    assert seen == [False, True]

@@ -75,9 +75,11 @@ def _dense_kl_kernel(
         neg_inf = -float("inf")
         m_p = tl.full((), neg_inf, tl.float32)  # running maxima (may stay -inf while blocks are all -inf)
         m_q = tl.full((), neg_inf, tl.float32)
-        s_p = tl.zeros((), tl.float32)
-        s_q = tl.zeros((), tl.float32)
-        a = tl.zeros((), tl.float32)
+        # Sums are kept per lane ([BLOCK] vectors) and reduced once after the sweep: per block only the two
+        # maxima need a cross-warp reduction, and a scalar rescale of the vectors is a multiply, not an exp.
+        sp_vec = tl.zeros((BLOCK,), tl.float32)
+        sq_vec = tl.zeros((BLOCK,), tl.float32)
+        a_vec = tl.zeros((BLOCK,), tl.float32)
         # Sweep 1: online statistics of both sides.
         for b in range(0, n_blocks):
             offs = b * BLOCK + cols
@@ -96,20 +98,21 @@ def _dense_kl_kernel(
             xs = x - sh_p
             ts = t - sh_q
             e = tl.exp(xs)
-            if HAS_FLOOR:
-                pass  # the log-ratio needs log-sum-exp(t) first: computed in the extra sweep below
-            else:
+            if not HAS_FLOOR:  # with a floor the log-ratio needs log-sum-exp(t) first: a sweep of its own
                 # Re-centre the old sum on the new maxima, then rescale it: sum e (xs - ts) shifts by
                 # (old_p - sh_p) - (old_q - sh_q) per unit of s_p.
                 shift = (old_p - sh_p) - (old_q - sh_q)
                 # 0 log 0 = 0: select before subtracting, so -inf - -inf never makes a NaN.
                 live = e > 0
                 d = tl.where(live, xs, 0.0) - tl.where(live, ts, 0.0)
-                a = alpha_p * (a + shift * s_p) + tl.sum(e * d, 0)
-            s_p = alpha_p * s_p + tl.sum(e, 0)
-            s_q = alpha_q * s_q + tl.sum(tl.exp(ts), 0)
+                a_vec = alpha_p * (a_vec + shift * sp_vec) + e * d
+            sp_vec = alpha_p * sp_vec + e
+            sq_vec = alpha_q * sq_vec + tl.exp(ts)
             m_p = new_mp
             m_q = new_mq
+        s_p = tl.sum(sp_vec, 0)
+        s_q = tl.sum(sq_vec, 0)
+        a = tl.sum(a_vec, 0)
         sh_p = tl.where(m_p == neg_inf, 0.0, m_p)
         sh_q = tl.where(m_q == neg_inf, 0.0, m_q)
         lse_p = sh_p + tl.log(s_p)  # -inf for an all -inf row, which makes KL NaN: reported upstream
@@ -182,17 +185,22 @@ def dense_kl_triton_impl(
     *,
     block: int | None = None,
     num_warps: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The `hybridlab.dense` backend contract, computed by the fused kernel.
 
     Args:
-        student: [N, V] fp32/bf16/fp16 logits; any strides (rows and columns are addressed by stride, no copy).
+        student: [N, V] fp32/bf16/fp16 logits; any strides (rows and columns are addressed by stride, no copy,
+            except a column stride so large that (V - 1) * stride passes 2**31: that gets a contiguous copy).
         teacher: [N, V] logits or log-probs, any float dtype and strides.
         active: [N] bool or None; inactive rows are not read, get KL 0 and (if need_grad) a zero gradient.
         temperature: tau > 0, applied to the student only.
         need_grad: also write the [N, V] gradient (the only extra [N, V] buffer, in the student's dtype).
         teacher_floor: None, or a log-probability at which log q is clamped (costs one more sweep).
         block, num_warps: override the launch configuration (benchmarks and tests).
+        out: optional [N, V] buffer for the gradient, in the student's dtype. It may be `student` itself (the
+            fused linear path overwrites its temporary logits): each program reads a block before writing it
+            and touches only its own row.
 
     Returns:
         (kl [N] fp32, grad [N, V] contiguous in the student's dtype, or None).
@@ -203,10 +211,21 @@ def dense_kl_triton_impl(
 
         return _torch_impl(student, teacher, active, temperature, need_grad, teacher_floor)
     if student.dim() != 2 or teacher.shape != student.shape:
-        raise ValueError(f"student and teacher must both be [N, V], got {list(student.shape)} and {list(teacher.shape)}")
+        raise ValueError(
+            f"student and teacher must both be [N, V], got {list(student.shape)} and {list(teacher.shape)}"
+        )
     n, v = student.shape
+    # Column offsets are int32 in the kernel: a column stride that could overflow them gets a contiguous copy.
+    if (v - 1) * student.stride(1) >= 2**31:
+        student = student.contiguous()
+    if (v - 1) * teacher.stride(1) >= 2**31:
+        teacher = teacher.contiguous()
     kl = torch.empty(n, dtype=torch.float32, device=student.device)
-    grad = torch.empty((n, v), dtype=student.dtype, device=student.device) if need_grad else None
+    grad = None
+    if need_grad:
+        grad = out if out is not None else torch.empty((n, v), dtype=student.dtype, device=student.device)
+        if grad.shape != (n, v) or grad.dtype != student.dtype or grad.stride(1) != 1:
+            raise ValueError(f"out must be [N, V] = [{n}, {v}] {student.dtype} with unit column stride")
     if n == 0:
         return kl, grad
     if active is not None:

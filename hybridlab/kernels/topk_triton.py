@@ -62,8 +62,8 @@ def _topk_kl_kernel(
 
     if is_active:
         m = tl.full((), neg_inf, tl.float32)
-        s = tl.zeros((), tl.float32)
-        s_t = tl.zeros((), tl.float32)
+        s_vec = tl.zeros((BLOCK,), tl.float32)  # per-lane sums, reduced once after the sweep
+        st_vec = tl.zeros((BLOCK,), tl.float32)
         for b in range(0, n_blocks):
             offs = b * BLOCK + cols
             inb = offs < V
@@ -74,9 +74,11 @@ def _topk_kl_kernel(
             sh = tl.where(new_m == neg_inf, 0.0, new_m)
             alpha = tl.exp(m - sh)
             e = tl.exp(x - sh)
-            s = alpha * s + tl.sum(e, 0)
-            s_t = alpha * s_t + tl.sum(tl.where(top, 0.0, e), 0)
+            s_vec = alpha * s_vec + e
+            st_vec = alpha * st_vec + tl.where(top, 0.0, e)
             m = new_m
+        s = tl.sum(s_vec, 0)
+        s_t = tl.sum(st_vec, 0)
         sh = tl.where(m == neg_inf, 0.0, m)
         lse = sh + tl.log(s)
 
@@ -93,7 +95,8 @@ def _topk_kl_kernel(
         log_qt = tl.load(log_qt_ptr + row)
         p_t = s_t / s
         live_t = p_t > 0
-        r_t = tl.where(live_t, tl.log(s_t) - tl.log(s), 0.0) - tl.where(live_t, log_qt, 0.0)
+        # log P_T = log s_T - log s; an empty tail (K = V, or all tail logits -inf) contributes 0.
+        r_t = tl.where(live_t, tl.log(tl.where(live_t, s_t, 1.0)) - tl.log(s) - log_qt, 0.0)
         kl = tl.sum(p_k * r_k, 0) + p_t * r_t
         tl.store(kl_ptr + row, kl)
 

@@ -1,0 +1,320 @@
+"""Dense KL against a top-k teacher (API or server teachers return only the top-k log-probabilities).
+
+BRIEF §3: collapse everything outside the teacher's top-k into one "tail" category on both sides. With
+p = softmax(z / tau) over the full vocabulary, the teacher's log-probabilities lq_k at ids i_k and its tail
+mass Q_T = 1 - sum_k exp(lq_k),
+
+    KL_topk = sum_k p_{i_k} (log p_{i_k} - lq_k) + P_T (log P_T - log Q_T),     P_T = 1 - sum_k p_{i_k}
+    dKL/dz_j = (1 / tau) p_j (r_j - KL_topk),
+        r_j = log p_j - lq_k          for j = i_k (a top-k token)
+        r_j = log P_T - log Q_T       for j in the tail (one shared coarse log-ratio)
+
+By the data-processing inequality (coarsening both distributions by the same map cannot increase a KL),
+KL_topk <= KL(p || q_full) for every full teacher distribution q_full consistent with the top-k: it is a lower
+bound, and it is tight when the student and teacher agree on the shape of the tail.
+
+Numerics:
+- P_T is summed directly over the tail (never as 1 - P_top), so small tails keep their relative precision.
+- Q_T is computed as -expm1(logsumexp(lq)) in fp64 (exact for tails down to ~1e-16), then clamped from below
+  at `tail_floor` (default 1e-9): the top-k log-probabilities of real teachers are rounded and may sum to a
+  hair above 1. Raising Q_T only lowers P_T log(P_T / Q_T), so the clamp keeps the lower bound.
+- Teacher log-probability -inf at a top-k token where the student has mass gives an infinite KL: an error.
+
+`dense_kl_topk_renormalized` (renormalise both sides over the top-k ids) is offered for comparison only: it is
+NOT a bound on the full KL and ignores the student's mass outside the top-k.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ._checks import check_float, check_mask, check_temperature, check_tensor, describe_nonfinite, shape_of
+from .dense import TORCH_CHUNK_ELEMENTS, compute_dtype, resolve_backend
+
+# Floor on the teacher's tail mass Q_T (see the module docstring: it keeps the lower bound).
+TAIL_FLOOR = 1e-9
+# A row whose top-k probabilities sum above 1 + this is not a set of log-probabilities (logits passed?).
+MASS_TOLERANCE = 0.02
+
+
+class TopKTeacher(NamedTuple):
+    """A teacher known by its top-k log-probabilities: logprobs [..., K] (float) at ids [..., K] (int64)."""
+
+    logprobs: torch.Tensor
+    ids: torch.Tensor
+
+
+def teacher_log_tail(lq: torch.Tensor, tail_floor: float = TAIL_FLOOR) -> torch.Tensor:
+    """[N, K] top-k log-probabilities -> [N] fp32 log Q_T, Q_T = max(1 - sum exp(lq), tail_floor).
+
+    -expm1(logsumexp) in fp64: exact even when the top-k holds all but 1e-12 of the mass.
+    """
+    lse = torch.logsumexp(lq.to(torch.float64), dim=-1)
+    q_tail = (-torch.expm1(lse)).clamp_min(tail_floor)
+    return q_tail.log().to(torch.float32 if lq.dtype != torch.float64 else torch.float64)
+
+
+def _topk_torch_impl(
+    student: torch.Tensor,
+    lq: torch.Tensor,
+    ids: torch.Tensor,
+    log_qt: torch.Tensor,
+    active: torch.Tensor | None,
+    temperature: float,
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Closed form in PyTorch, chunked over rows: [N, V], [N, K], [N, K], [N] -> (kl [N], grad [N, V] | None)."""
+    n, v = student.shape
+    cdt = compute_dtype(student, lq)
+    kl = torch.zeros(n, dtype=cdt, device=student.device)
+    grad = None
+    if need_grad:
+        grad = torch.zeros_like(student) if active is not None else torch.empty_like(student)
+    rows = None if active is None else active.nonzero().squeeze(1)
+    n_rows = n if rows is None else rows.numel()
+    chunk = max(1, TORCH_CHUNK_ELEMENTS // v)
+    for start in range(0, n_rows, chunk):
+        sel = slice(start, min(start + chunk, n_rows)) if rows is None else rows[start : start + chunk]
+        logp = torch.log_softmax(student[sel].to(cdt) / temperature, dim=-1)
+        idc = ids[sel]
+        logp_k = logp.gather(1, idc)
+        # The tail log-mass summed over the tail itself (top-k entries set to -inf), not as 1 - P_top.
+        logp_t = logp.scatter(1, idc, float("-inf")).logsumexp(-1)
+        p_k, p_t = logp_k.exp(), logp_t.exp()
+        r_k = torch.where(p_k > 0, logp_k - lq[sel].to(cdt), 0.0)  # 0 log 0 = 0
+        r_t = torch.where(p_t > 0, logp_t - log_qt[sel].to(cdt), 0.0)
+        kl_rows = (p_k * r_k).sum(-1) + p_t * r_t
+        kl[sel] = kl_rows
+        if grad is not None:
+            g = logp.exp_().mul_((r_t - kl_rows)[:, None])  # every column gets the tail coefficient ...
+            g.scatter_(1, idc, p_k * (r_k - kl_rows[:, None]))  # ... then the top-k columns their own
+            grad[sel] = (g / temperature).to(student.dtype)
+    return kl, grad
+
+
+def _topk_triton_impl(*args, **kwargs):
+    from .kernels.topk_triton import topk_kl_triton_impl
+
+    return topk_kl_triton_impl(*args, **kwargs)
+
+
+_IMPLS = {"torch": _topk_torch_impl, "triton": _topk_triton_impl}
+
+
+def topk_kl_impl(backend: str, student, lq, ids, log_qt, active, temperature, need_grad):
+    """Dispatch for callers that already validated their inputs (the fused linear path)."""
+    return _IMPLS[backend](student, lq, ids, log_qt, active, temperature, need_grad)
+
+
+class TopKKLFunction(torch.autograd.Function):
+    """Loss and closed-form gradient in forward; backward scales the saved gradient by the upstream one."""
+
+    @staticmethod
+    def forward(ctx, student, lq, ids, log_qt, active, temperature, backend, grad_enabled):
+        # needs_input_grad is True under torch.no_grad too: the caller says whether a backward can follow.
+        need_grad = ctx.needs_input_grad[0] and grad_enabled
+        kl, grad = _IMPLS[backend](student, lq, ids, log_qt, active, temperature, need_grad)
+        if not torch.isfinite(kl).all():
+            raise ValueError(_diagnose(student, lq, active, kl))
+        ctx.consumed = False
+        if need_grad:
+            ctx.save_for_backward(grad)
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        if ctx.consumed:
+            raise RuntimeError("dense_kl_topk's saved gradient was already used (it is scaled in place)")
+        ctx.consumed = True
+        (grad,) = ctx.saved_tensors
+        scale = grad_kl.to(torch.float32 if grad.dtype != torch.float64 else grad.dtype)[:, None]
+        return grad.mul_(scale), None, None, None, None, None, None, None
+
+
+def _diagnose(student, lq, active, kl) -> str:
+    msg = describe_nonfinite("student_logits", student, active)
+    if msg:
+        return msg
+    bad = (~torch.isfinite(kl)).nonzero()
+    r = int(bad[0, 0]) if bad.numel() else -1
+    return (
+        f"infinite KL: teacher_topk_logprobs {shape_of(lq)} gives log-probability -inf (or a zero tail mass) "
+        f"where student_logits {shape_of(student)} have mass (first such row: {r}); mask those rows"
+    )
+
+
+def check_topk_inputs(
+    student: torch.Tensor, lq: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Validate a top-k teacher against student logits [..., V]; returns ids as int64. Errors name shapes."""
+    check_float("student_logits", student)
+    if student.dim() < 1 or student.shape[-1] == 0:
+        raise ValueError(
+            f"student_logits must have a non-empty vocabulary dimension, got {shape_of(student)}"
+        )
+    return check_topk_teacher(
+        lq,
+        ids,
+        student.shape[:-1],
+        student.shape[-1],
+        student.device,
+        mask,
+        f"student_logits {shape_of(student)}",
+    )
+
+
+def check_topk_teacher(
+    lq: torch.Tensor,
+    ids: torch.Tensor,
+    batch_shape: torch.Size,
+    v: int,
+    device: torch.device,
+    mask: torch.Tensor | None,
+    student_desc: str,
+) -> torch.Tensor:
+    """Validate teacher_topk_logprobs / teacher_topk_ids [..., K] for a student of batch shape [...] and
+    vocabulary V (described as `student_desc` in errors); returns ids as int64."""
+    check_float("teacher_topk_logprobs", lq)
+    check_tensor("teacher_topk_ids", ids)
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise ValueError(f"teacher_topk_ids must be an integer tensor, got {ids.dtype} {shape_of(ids)}")
+    if lq.shape != ids.shape:
+        raise ValueError(
+            f"shape mismatch: teacher_topk_logprobs {shape_of(lq)} vs teacher_topk_ids {shape_of(ids)}"
+        )
+    if lq.dim() != len(batch_shape) + 1 or lq.shape[:-1] != batch_shape:
+        raise ValueError(
+            f"shape mismatch: teacher_topk_logprobs {shape_of(lq)} must be [{', '.join(map(str, batch_shape))}, K] "
+            f"to match {student_desc}"
+        )
+    k = lq.shape[-1]
+    if k == 0 or k > v:
+        raise ValueError(f"need 1 <= K <= V: teacher_topk_ids {shape_of(ids)}, {student_desc} has V={v}")
+    for name, x in (("teacher_topk_logprobs", lq), ("teacher_topk_ids", ids)):
+        if x.device != device:
+            raise ValueError(f"device mismatch: {name} on {x.device}, {student_desc} on {device}")
+    check_mask(mask, batch_shape, "student_logits", device)
+    ids = ids.to(torch.int64)
+    if ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= v:
+            raise ValueError(
+                f"teacher_topk_ids {shape_of(ids)} out of range: values in [{lo}, {hi}] but {student_desc} "
+                f"has V={v} (ids must lie in [0, {v - 1}])"
+            )
+        srt = ids.sort(dim=-1).values
+        if k > 1 and (srt[..., 1:] == srt[..., :-1]).any():
+            raise ValueError(
+                f"teacher_topk_ids {shape_of(ids)} has a repeated id within a row (ids must be distinct)"
+            )
+    if torch.isnan(lq).any():
+        raise ValueError(f"teacher_topk_logprobs {shape_of(lq)} contains NaN")
+    if (lq > 1e-6).any():
+        raise ValueError(
+            f"teacher_topk_logprobs {shape_of(lq)} has values > 0 (max {float(lq.max()):.3g}): "
+            "pass log-probabilities (log_softmax), not logits"
+        )
+    if lq.numel():
+        mass = torch.logsumexp(lq.to(torch.float64), dim=-1).exp()
+        if (mass > 1 + MASS_TOLERANCE).any():
+            raise ValueError(
+                f"teacher_topk_logprobs {shape_of(lq)}: top-k probabilities sum to {float(mass.max()):.4g} > 1 "
+                "in some row; pass log-probabilities of one distribution"
+            )
+    return ids
+
+
+def dense_kl_topk(
+    student_logits: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    backend: str = "auto",
+    tail_floor: float = TAIL_FLOOR,
+) -> torch.Tensor:
+    """Tail-bucket KL(student || top-k teacher) per position: a lower bound on the full-vocabulary KL.
+
+    Args:
+        student_logits: [..., V] float; receives the closed-form gradient.
+        teacher_topk_logprobs: [..., K] teacher log-probabilities (<= 0) at `teacher_topk_ids`; no gradient.
+        teacher_topk_ids: [..., K] integer token ids in [0, V), distinct within a row.
+        temperature: the student's sampling temperature tau.
+        mask: [...] bool; False positions get KL 0 and gradient 0 and are not computed.
+        backend: "auto" (Triton on CUDA, torch otherwise), "torch" or "triton".
+        tail_floor: lower clamp on the teacher's tail mass 1 - sum exp(logprobs) (keeps the bound).
+
+    Returns:
+        [...] KL in fp32 (fp64 for fp64 student logits).
+    """
+    ids = check_topk_inputs(student_logits, teacher_topk_logprobs, teacher_topk_ids, mask)
+    tau = check_temperature(temperature)
+    if not (0.0 < tail_floor < 1.0):
+        raise ValueError(f"tail_floor must lie in (0, 1), got {tail_floor!r}")
+    name = resolve_backend(backend, student_logits.device)
+    batch_shape = student_logits.shape[:-1]
+    v, k = student_logits.shape[-1], ids.shape[-1]
+    z = student_logits.reshape(-1, v)
+    lq = teacher_topk_logprobs.detach().reshape(-1, k)
+    ids = ids.reshape(-1, k)
+    active = None if mask is None else mask.reshape(-1)
+    log_qt = teacher_log_tail(lq, tail_floor)
+    if z.dtype == torch.float64:
+        log_qt = log_qt.double()
+    kl = TopKKLFunction.apply(z, lq, ids, log_qt, active, tau, name, torch.is_grad_enabled())
+    return kl.reshape(batch_shape)
+
+
+def dense_kl_topk_reference(
+    student_logits: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    temperature: float = 1.0,
+    tail_floor: float = TAIL_FLOOR,
+) -> torch.Tensor:
+    """The tail-bucket KL by plain autograd (gather + logsumexp), for tests: [..., V], [..., K] -> [...]."""
+    cdt = compute_dtype(student_logits, teacher_topk_logprobs)
+    logp = torch.log_softmax(student_logits.to(cdt) / temperature, dim=-1)
+    logp_k = logp.gather(-1, teacher_topk_ids)
+    logp_t = logp.scatter(-1, teacher_topk_ids, float("-inf")).logsumexp(-1)
+    lq = teacher_topk_logprobs.to(cdt)
+    log_qt = (-torch.expm1(torch.logsumexp(lq.double(), -1))).clamp_min(tail_floor).log().to(cdt)
+    p_k, p_t = logp_k.exp(), logp_t.exp()
+    live_k, live_t = p_k > 0, p_t > 0
+    r_k = torch.where(live_k, logp_k, 0.0) - torch.where(live_k, lq, 0.0)
+    r_t = torch.where(live_t, logp_t, 0.0) - torch.where(live_t, log_qt, 0.0)
+    return (p_k * r_k).sum(-1) + p_t * r_t
+
+
+def dense_kl_topk_renormalized(
+    student_logits: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """KL between the student and teacher both renormalised over the teacher's top-k ids. NOT A BOUND.
+
+    This is what many distillation codes do with API teachers. It is neither a lower nor an upper bound on the
+    full KL and it ignores the student's probability outside the top-k (the student can put mass anywhere
+    else at no cost). Offered to compare against `dense_kl_topk`; plain autograd, [..., V] -> [...].
+    """
+    ids = check_topk_inputs(student_logits, teacher_topk_logprobs, teacher_topk_ids, mask)
+    tau = check_temperature(temperature)
+    cdt = compute_dtype(student_logits, teacher_topk_logprobs)
+    logp = torch.log_softmax(student_logits.gather(-1, ids).to(cdt) / tau, dim=-1)
+    logq = torch.log_softmax(teacher_topk_logprobs.detach().to(cdt), dim=-1)
+    p = logp.exp()
+    live = p > 0
+    kl = (p * (torch.where(live, logp, 0.0) - torch.where(live, logq, 0.0))).sum(-1)
+    return kl if mask is None else torch.where(mask, kl, 0.0)
+
+
+def topk_from_logits(teacher_logits: torch.Tensor, k: int) -> TopKTeacher:
+    """What an API teacher would return: the top-k log-probabilities of full logits [..., V] and their ids."""
+    lq, ids = torch.log_softmax(teacher_logits.to(compute_dtype(teacher_logits)), dim=-1).topk(k, dim=-1)
+    return TopKTeacher(lq, ids)
