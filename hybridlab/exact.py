@@ -146,7 +146,7 @@ def token_logprobs(policy: nn.Module, actions: torch.Tensor, mask: torch.Tensor,
 
 
 def sequence_probs(policy: nn.Module, space: SequenceSpace, temperature: float = 1.0) -> torch.Tensor:
-    """pi(y) for every response in the space: [S]; sums to 1."""
+    """pi(y) for every response in the space: [S]; sums to 1. Differentiable (detach it for weights)."""
     return token_logprobs(policy, space.actions, space.mask, temperature).sum(1).exp()
 
 
@@ -292,7 +292,8 @@ def sampled_estimates(
 ) -> torch.Tensor:
     """Independent Monte Carlo estimates of grad J, one per group of `group_size` samples: [n_groups, P].
 
-    Each row is -G * grad(hybrid_loss) on one group (G = group_size), so its mean converges to grad J at 1/sqrt(N).
+    Each row is -grad(hybrid_loss) on one group of G = group_size samples (the loss already averages over the
+    group's sequences), so the rows' mean converges to grad J at 1/sqrt(N).
     """
     g = torch.Generator().manual_seed(seed)
     rows = []
@@ -311,5 +312,5 @@ def sampled_estimates(
             group_size=group_size if group_size > 1 else None,
             **hybrid_kwargs,
         )
-        rows.append(-group_size * flat_grad(out.loss, policy))
+        rows.append(-flat_grad(out.loss, policy))
     return torch.stack(rows)

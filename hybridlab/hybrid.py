@@ -7,8 +7,9 @@
     sparse = -sum_b c_b sum_t log pi(y_t | s_t) * stopgrad(A_t)           (score function)
     A_t    = lam R - beta * sum_{t' > t} gamma^(t'-t) khat_t' - b(s_t)
 
-with c_b = w_b / B for normalize="sequences", so that -B * grad(loss) estimates grad J without bias, and
-equals grad J exactly when every sequence is enumerated with w_b = pi(y_b).
+with c_b = w_b / B for normalize="sequences". On B sampled responses (w_b = 1), -grad(loss) is the mean of B
+unbiased estimates of grad J. Enumerating all S responses with w_b = pi(y_b) instead, -S * grad(loss) equals
+grad J exactly (the weights carry the probabilities, the 1/S is undone).
 """
 
 from __future__ import annotations

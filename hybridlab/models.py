@@ -9,6 +9,7 @@ prepends <bos>; padding is on the left, as `generate` wants. Checkpoints are a f
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -51,7 +52,9 @@ def build_tokenizer(chars: str = CHARS) -> PreTrainedTokenizerFast:
     )
 
 
-def encode_prompts(tokenizer, prompts: list[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+def encode_prompts(
+    tokenizer, prompts: list[str], device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
     """<bos> + prompt, left-padded: {"input_ids": [B, P] long, "attention_mask": [B, P] long}."""
     vocab = tokenizer.get_vocab()
     for p in prompts:
@@ -130,7 +133,6 @@ def build_model(
     """
     v = len(SPECIALS) + len(CHARS) if vocab_size is None else int(vocab_size)
     cfg = model_config(arch, size, v)
-    cfg._attn_implementation = "eager" if arch == "gpt2" else "sdpa"
     gen = torch.random.fork_rng(devices=[])
     with gen:
         torch.manual_seed(seed)
@@ -143,11 +145,26 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+@contextmanager
+def _quiet_progress():
+    """Silence transformers' per-shard / per-tensor progress bars (noise for a 20-tensor model)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def save_checkpoint(model: PreTrainedModel, tokenizer, out_dir: str | Path, meta: dict | None = None) -> Path:
     """Write model.safetensors + config.json + tokenizer files (+ meta.json) into `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    with _quiet_progress():
+        model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     if meta is not None:
         (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -159,7 +176,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
     p = Path(path)
     if not (p / "model.safetensors").exists():
         raise FileNotFoundError(f"no model.safetensors in {p} (checkpoints must be safetensors)")
-    model = AutoModelForCausalLM.from_pretrained(p, use_safetensors=True).to(device)
+    with _quiet_progress():
+        model = AutoModelForCausalLM.from_pretrained(p, use_safetensors=True).to(device)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(p)
     tokenizer.padding_side = "left"
     _set_generation_ids(model)

@@ -113,7 +113,9 @@ def reward(task: str | Task, prompt: str, response: str, kind: str = "exact") ->
 def rewards(task: str | Task, prompts: list[str], responses: list[str], kind: str = "exact") -> list[float]:
     """`reward` over a batch: len(prompts) == len(responses) -> list of floats."""
     if len(prompts) != len(responses):
-        raise ValueError(f"prompts ({len(prompts)}) and responses ({len(responses)}) must have the same length")
+        raise ValueError(
+            f"prompts ({len(prompts)}) and responses ({len(responses)}) must have the same length"
+        )
     t = get_task(task)
     return [reward(t, p, r, kind) for p, r in zip(prompts, responses)]
 

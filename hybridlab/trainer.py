@@ -26,6 +26,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -77,12 +78,13 @@ class TrainerConfig:
 
     @classmethod
     def for_method(cls, method: str, **kwargs) -> TrainerConfig:
-        """A config for `method` with its presets applied; conflicting explicit settings are an error."""
+        """A config for `method`: the shared settings in `kwargs`, then the method's presets on top.
+
+        The presets win (e.g. `lam` becomes 0 for "dense_only", `beta` 0 for "rl_only"), so one set of
+        keyword arguments describes a whole comparison; the returned config holds the effective values.
+        """
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        for k, v in METHOD_PRESETS[method].items():
-            if k in kwargs and kwargs[k] != v:
-                raise ValueError(f"method={method!r} fixes {k}={v!r}; got {k}={kwargs[k]!r}")
         cfg = cls(method=method, **kwargs)
         return replace(cfg, **METHOD_PRESETS[method])
 
@@ -192,7 +194,9 @@ def response_logits(model, rollout: Rollout) -> torch.Tensor:
     )
     logits = out.logits[:, p - 1 : p + n - 1]
     if logits.shape[:2] != rollout.actions.shape:
-        raise RuntimeError(f"logits {list(logits.shape)} do not line up with actions {list(rollout.actions.shape)}")
+        raise RuntimeError(
+            f"logits {list(logits.shape)} do not line up with actions {list(rollout.actions.shape)}"
+        )
     return logits
 
 
@@ -210,7 +214,11 @@ def sample(
 ) -> Rollout:
     """Responses to `prompts` from `model.generate` (full-vocabulary sampling at `temperature`, or greedy)."""
     enc = encode_prompts(tokenizer, prompts, device=next(model.parameters()).device)
-    kw = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+    kw = (
+        {"do_sample": False}
+        if greedy
+        else {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+    )
     seq = model.generate(
         **enc,
         max_new_tokens=max_new_tokens,
@@ -218,10 +226,14 @@ def sample(
         eos_token_id=tokenizer.eos_token_id,
         **kw,
     )
-    return make_rollout(tokenizer, task, prompts, seq[:, enc["input_ids"].shape[1] :], enc, temperature, reward_kind)
+    return make_rollout(
+        tokenizer, task, prompts, seq[:, enc["input_ids"].shape[1] :], enc, temperature, reward_kind
+    )
 
 
-def sft_loss(student_logits: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0):
+def sft_loss(
+    student_logits: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0
+):
     """Cross-entropy on given tokens, summed over tokens / number of sequences: [B, T, V], [B, T], [B, T] -> []."""
     logp = selected_logprobs(student_logits, actions, temperature)
     return -torch.where(mask, logp, torch.zeros((), dtype=logp.dtype)).sum() / mask.shape[0]
@@ -242,7 +254,7 @@ def sampled_opd_loss(
     """
     logp = selected_logprobs(student_logits, actions, temperature)
     with torch.no_grad():
-        teacher_logp = selected_logprobs(teacher_logits.detach().float(), actions, 1.0)
+        teacher_logp = selected_logprobs(teacher_logits.detach(), actions, 1.0).to(logp.dtype)
         k = torch.where(mask, kl_estimate(logp.detach(), teacher_logp, "k1"), torch.zeros(()))
     loss = -(torch.where(mask, logp, torch.zeros(())) * (-k)).sum() / mask.shape[0]
     return loss, k
@@ -282,7 +294,9 @@ class HybridTrainer:
         torch.manual_seed(config.seed)
         self._rng = random.Random(config.seed)
         self._order: list[int] = []
-        self.optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            student.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
         self.step_count = 0
         self.samples_seen = 0
         self.history: dict[str, list] = {}
@@ -322,7 +336,9 @@ class HybridTrainer:
             else:
                 loss, _ = sampled_opd_loss(s_logits, t_logits, ro.actions, ro.mask, c.temperature)
             with torch.no_grad():
-                kl = dense_kl(s_logits.detach(), t_logits, temperature=c.temperature, mask=ro.mask, backend=c.backend)
+                kl = dense_kl(
+                    s_logits.detach(), t_logits, temperature=c.temperature, mask=ro.mask, backend=c.backend
+                )
             m.update(dense=float("nan"), sparse=float("nan"))
         else:
             out = hybrid_loss(
@@ -331,8 +347,8 @@ class HybridTrainer:
                 temperature=c.temperature, normalize=c.normalize, backend=c.backend,
             )  # fmt: skip
             loss, kl = out.loss, out.kl
-            m.update(dense=float(out.dense), sparse=float(out.sparse))
-        m.update(loss=float(loss), kl=float(kl.sum(1).mean()), reward=float(ro.rewards.mean()))
+            m.update(dense=float(out.dense.detach()), sparse=float(out.sparse.detach()))
+        m.update(loss=float(loss.detach()), kl=float(kl.sum(1).mean()), reward=float(ro.rewards.mean()))
         m["resp_len"] = float(ro.mask.sum(1).float().mean())
         return loss, m
 
@@ -374,22 +390,61 @@ class HybridTrainer:
             "eval_resp_len": float(ro.mask.sum(1).float().mean()),
         }
 
-    def train(self, steps: int | None = None) -> dict[str, list]:
-        """Run `steps` (default config.steps) steps, evaluating at the start, every `eval_every` and at the end."""
+    def train(
+        self, steps: int | None = None, run_dir: str | Path | None = None, checkpoint_every: int | None = None
+    ) -> dict[str, list]:
+        """Run `steps` more steps (default: up to config.steps in total), evaluating at the start, every
+        `eval_every` steps and at the end; with `run_dir`, checkpoint atomically every `checkpoint_every` steps
+        and at the end (see `save` / `resume`)."""
         c = self.config
-        n = c.steps if steps is None else steps
+        n = max(0, c.steps - self.step_count) if steps is None else steps
         if not self.history.get("eval_step"):
             self._record(self.evaluate())
         bar = tqdm(range(n), desc=f"{c.method} seed {c.seed}", disable=not c.progress, leave=False)
         t0 = time.perf_counter()
         for i in bar:
             m = self.step()
-            if (i + 1) % c.eval_every == 0 or i + 1 == n:
+            if self.step_count % c.eval_every == 0 or i + 1 == n:
                 e = self.evaluate()
                 self._record(e)
-                bar.set_postfix(reward=f"{m['reward']:.2f}", acc=f"{e['eval_greedy_acc']:.2f}", kl=f"{e['eval_kl']:.2f}")
+                bar.set_postfix(
+                    reward=f"{m['reward']:.2f}", acc=f"{e['eval_greedy_acc']:.2f}", kl=f"{e['eval_kl']:.2f}"
+                )
+            if run_dir is not None and (
+                i + 1 == n or (checkpoint_every and self.step_count % checkpoint_every == 0)
+            ):
+                self.save(run_dir)
         self.history.setdefault("wall_s", []).append(time.perf_counter() - t0)
         return self.history
+
+    def save(self, run_dir: str | Path) -> Path:
+        """Atomic checkpoint of the student, optimizer, RNGs, prompt order and history (`hybridlab.checkpoint`)."""
+        from .checkpoint import save_checkpoint
+
+        extra = {
+            "history": self.history,
+            "samples_seen": self.samples_seen,
+            "order": list(self._order),
+            "prompt_rng": self._rng.getstate(),
+        }
+        return save_checkpoint(run_dir, self.step_count, self.student, self.optimizer, extra=extra)
+
+    def resume(self, run_dir: str | Path) -> bool:
+        """Load the newest checkpoint under `run_dir` if there is one (True); training then continues exactly
+        as the uninterrupted run would have."""
+        from .checkpoint import latest_checkpoint, load_checkpoint
+
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            return False
+        info = load_checkpoint(path, self.student, self.optimizer)
+        extra = info["extra"]
+        self.step_count, self.samples_seen = info["step"], int(extra["samples_seen"])
+        self.history = {k: list(v) for k, v in extra["history"].items()}
+        self._order = list(extra["order"])
+        st = extra["prompt_rng"]
+        self._rng.setstate((st[0], tuple(st[1]), st[2]))
+        return True
 
     def _record(self, metrics: dict[str, float]) -> None:
         for k, v in metrics.items():
@@ -399,7 +454,9 @@ class HybridTrainer:
         return {f.name: getattr(self.config, f.name) for f in fields(self.config)}
 
 
-def samples_to_threshold(history: dict[str, list], threshold: float, key: str = "eval_greedy_acc") -> int | None:
+def samples_to_threshold(
+    history: dict[str, list], threshold: float, key: str = "eval_greedy_acc"
+) -> int | None:
     """Samples seen at the first evaluation where history[key] >= threshold (None if never)."""
     for s, v in zip(history["eval_samples"], history[key]):
         if v >= threshold:

@@ -133,3 +133,15 @@ def test_reward_only_baseline_can_raise_variance():
         var[base] = float(s.var(0).sum())
     assert var["reward_group"] > 1.2 * var["none"], var
     assert var["return_group"] < 0.85 * var["reward_group"], var
+
+
+def test_group_estimates_are_unbiased_for_grad_j_not_a_multiple():
+    """With groups of G samples, each row is one estimate of grad J (not G times it)."""
+    space = ex.enumerate_sequences(3, 3, eos=True)
+    student, teacher = ex.TinyPolicy(3, 3, seed=1), ex.TinyPolicy(3, 3, seed=2)
+    reward = ex.reward_table(space, "count0")
+    grad_j = ex.exact_gradient(student, teacher, space, reward, **MC)
+    s = ex.sampled_estimates(student, teacher, space, reward, n_groups=300, group_size=4, seed=3, **MC)
+    u = grad_j / grad_j.norm()
+    assert abs(_z(s, u, grad_j)) < 4.0
+    assert abs(_z(s, u, 4 * grad_j)) > 6.0  # the earlier bug (rows = G * estimate) would pass this instead

@@ -93,7 +93,9 @@ def main(argv=None) -> dict:
     stopped = "max steps"
     while step < args.steps:
         batch = rng.sample(train, args.batch)
-        ro = teacher_forcing_rollout(tok, args.task, [r["prompt"] for r in batch], [r["answer"] for r in batch])
+        ro = teacher_forcing_rollout(
+            tok, args.task, [r["prompt"] for r in batch], [r["answer"] for r in batch]
+        )
         model.train()
         logits = response_logits(model, ro)
         loss = sft_loss(logits, ro.actions, ro.mask) / ro.mask.sum(1).float().mean()  # per-token mean
@@ -105,15 +107,19 @@ def main(argv=None) -> dict:
         step += 1
         if step % args.eval_every == 0 or step == args.steps:
             ev = evaluate(model, tok, args.task, splits["eval"], max_new, seed=args.seed)
-            curve.append({"step": step, "loss": float(loss), **ev})
-            print(f"step {step:5d}  loss {float(loss):.4f}  greedy_acc {ev['greedy_acc']:.3f}  "
+            curve.append({"step": step, "loss": float(loss.detach()), **ev})
+            print(f"step {step:5d}  loss {float(loss.detach()):.4f}  greedy_acc {ev['greedy_acc']:.3f}  "
                   f"sampled {ev['sampled_reward']:.3f}  {time.perf_counter() - t0:.0f}s", flush=True)  # fmt: skip
             if args.target_acc is not None and ev["greedy_acc"] >= args.target_acc:
-                stopped = f"early stop: greedy eval accuracy {ev['greedy_acc']:.3f} >= target {args.target_acc}"
+                stopped = (
+                    f"early stop: greedy eval accuracy {ev['greedy_acc']:.3f} >= target {args.target_acc}"
+                )
                 break
     wall = time.perf_counter() - t0
     final = curve[-1]
-    cmd = "python -m hybridlab.scripts.train_teacher " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    cmd = "python -m hybridlab.scripts.train_teacher " + " ".join(
+        shlex.quote(a) for a in (argv or sys.argv[1:])
+    )
     meta = {
         "role": args.role,
         "task": args.task,
@@ -122,6 +128,7 @@ def main(argv=None) -> dict:
         "parameters": count_parameters(model),
         "seed": args.seed,
         "data_seed": args.data_seed,
+        "n_train": args.n_train,
         "steps": step,
         "stopped": stopped,
         "corrupt": args.corrupt,
@@ -148,7 +155,8 @@ def write_training_md(out: Path, meta: dict) -> None:
     if meta["corrupt"]:
         imperfect.append(f"{meta['corrupt']:.0%} of training answers corrupted (one wrong digit)")
     rows = "\n".join(
-        f"| {c['step']} | {c['loss']:.4f} | {c['greedy_acc']:.3f} | {c['sampled_reward']:.3f} |" for c in meta["curve"]
+        f"| {c['step']} | {c['loss']:.4f} | {c['greedy_acc']:.3f} | {c['sampled_reward']:.3f} |"
+        for c in meta["curve"]
     )
     text = f"""# {meta["role"]} for `{meta["task"]}`
 

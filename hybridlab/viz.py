@@ -1,0 +1,299 @@
+"""Plotting helpers for the notebooks (matplotlib only).
+
+Every function draws one figure with a title, labelled axes and units, closes it in pyplot (so a notebook shows it
+once, as the cell's value) and returns the `Figure`. `check_figure` asserts those rules; the tests use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.rcParams.setdefault("figure.dpi", 80)
+
+import matplotlib.pyplot as plt  # noqa: E402  (after the rcParams default)
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+UNITLESS = "(unitless)"
+
+
+def _np(x) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=float)
+
+
+def _done(fig: Figure) -> Figure:
+    fig.tight_layout()
+    plt.close(fig)
+    check_figure(fig)
+    return fig
+
+
+def check_figure(fig: Figure) -> None:
+    """Raise AssertionError unless every visible axes has a title and both axis labels.
+
+    A figure suptitle counts as every axes' title; a twin axes (twinx) shares its partner's title and x label but
+    needs its own y label.
+    """
+    sup = fig._suptitle.get_text() if getattr(fig, "_suptitle", None) is not None else ""
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert axes, "figure has no axes"
+    for ax in axes:
+        twins = ax.get_shared_x_axes().get_siblings(ax)
+        assert sup or any(t.get_title() for t in twins), f"axes {ax} has no title"
+        assert any(t.get_xlabel() for t in twins), f"axes {ax.get_title()!r} has no x label"
+        assert ax.get_ylabel(), f"axes {ax.get_title()!r} has no y label"
+
+
+def bars(
+    labels: Sequence[str],
+    values: Sequence[float],
+    *,
+    title: str,
+    ylabel: str,
+    xlabel: str = "estimator variant",
+    log: bool = False,
+    hline: float | None = None,
+    hline_label: str | None = None,
+    colors: Sequence[str] | None = None,
+    errors: Sequence[float] | None = None,
+    annotate: bool = True,
+) -> Figure:
+    """One bar per label, optional log scale, error bars and a horizontal reference line."""
+    vals = _np(values)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(labels) + 2), 3.6))
+    x = np.arange(len(labels))
+    shown = np.maximum(vals, 1e-17) if log else vals
+    ax.bar(x, shown, color=colors or COLORS[0], yerr=None if errors is None else _np(errors), capsize=4)
+    ax.set_xticks(x, labels, rotation=20, ha="right")
+    if log:
+        ax.set_yscale("log")
+    if hline is not None:
+        ax.axhline(hline, color="k", ls="--", lw=1, label=hline_label)
+        if hline_label:
+            ax.legend(loc="best", fontsize=8)
+    if annotate:
+        for xi, v, s in zip(x, vals, shown):
+            ax.annotate(f"{v:.2g}", (xi, s), ha="center", va="bottom", fontsize=8)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    return _done(fig)
+
+
+def relative_errors(
+    labels: Sequence[str], errors: Sequence[float], *, title: str, threshold: float | None = 1e-2
+) -> Figure:
+    """Bar chart (log scale) of ||E[g_hat] - grad J|| / ||grad J|| per estimator variant."""
+    errs = _np(errors)
+    colors = [COLORS[2] if e < (threshold or 0) else COLORS[3] for e in errs]
+    return bars(
+        labels,
+        errs,
+        title=title,
+        ylabel="relative error vs grad J " + UNITLESS,
+        log=True,
+        hline=threshold,
+        hline_label=None if threshold is None else f"visible-miss margin {threshold:g}",
+        colors=colors,
+    )
+
+
+def cosines(labels: Sequence[str], values: Sequence[float], *, title: str) -> Figure:
+    """Cosine between each variant's expected gradient and grad J, drawn as the angle (degrees) for visibility.
+
+    Wrong estimators often keep a cosine near 1 (they point roughly uphill); the angle separates them. Each bar is
+    annotated with its cosine.
+    """
+    cos = np.clip(_np(values), -1.0, 1.0)
+    angle = np.degrees(np.arccos(cos))
+    colors = [COLORS[2] if c > 1 - 1e-9 else COLORS[3] for c in cos]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(labels) + 2), 3.6))
+    x = np.arange(len(labels))
+    ax.bar(x, angle, color=colors)
+    for xi, a, c in zip(x, angle, cos):
+        ax.annotate(f"cos {c:.4f}", (xi, a), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(x, labels, rotation=20, ha="right")
+    ax.set_ylim(0, max(1.0, float(angle.max()) * 1.15))
+    ax.set(title=title, xlabel="estimator variant", ylabel="angle to grad J (degrees)")
+    return _done(fig)
+
+
+def variances(
+    labels: Sequence[str],
+    values: Sequence[float],
+    *,
+    title: str,
+    ylabel: str = "tr Cov of the estimate (gradient units^2)",
+    errors: Sequence[float] | None = None,
+    xlabel: str = "estimator variant",
+) -> Figure:
+    """Bar chart of estimator variances (trace of the covariance), with optional error bars."""
+    return bars(labels, values, title=title, ylabel=ylabel, errors=errors, xlabel=xlabel)
+
+
+def lines(
+    x,
+    curves: Mapping[str, Sequence[float]],
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    logx: bool = False,
+    logy: bool = False,
+    markers: bool = True,
+    styles: Mapping[str, str] | None = None,
+) -> Figure:
+    """Several labelled curves over the same x (or, with x=None, each over its own 1..len)."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for i, (name, ys) in enumerate(curves.items()):
+        y = _np(ys)
+        xs = np.arange(1, len(y) + 1) if x is None else _np(x)
+        ls = (styles or {}).get(name, "-")
+        ax.plot(xs, y, ls, marker="o" if markers else None, ms=4, color=COLORS[i % len(COLORS)], label=name)
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    return _done(fig)
+
+
+def convergence(
+    ns: Sequence[int],
+    errors: Sequence[float],
+    *,
+    predicted: Sequence[float] | None = None,
+    title: str = "Monte Carlo error falls as 1/sqrt(N)",
+    label: str = "measured RMS error",
+) -> Figure:
+    """Log-log plot of the error of a Monte Carlo mean against N, with the 1/sqrt(N) prediction."""
+    n = _np(ns)
+    err = _np(errors)
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    ax.loglog(n, err, "o-", color=COLORS[0], label=label)
+    if predicted is not None:
+        ax.loglog(n, _np(predicted), "k--", label="prediction sqrt(tr Cov / N)")
+    else:
+        ax.loglog(n, err[0] * np.sqrt(n[0] / n), "k--", label="slope -1/2")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    ax.set(title=title, xlabel="samples N (sequences)", ylabel="||mean - grad J|| (gradient units)")
+    return _done(fig)
+
+
+def vocab_gradients(
+    panels: Sequence[Mapping],
+    *,
+    title: str = "Reverse-KL gradient across the vocabulary",
+) -> Figure:
+    """One row per (student, teacher) pair: p and q per token (left axis) and -dKL/dz (right axis).
+
+    Each panel is a mapping with keys "p", "q", "grad" ([V] each) and "label".
+    """
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.4 * len(panels)), squeeze=False)
+    for ax, panel in zip(axes[:, 0], panels):
+        p, q, g = _np(panel["p"]), _np(panel["q"]), _np(panel["grad"])
+        tok = np.arange(len(p))
+        ax.plot(tok, q, color=COLORS[1], lw=2, label="teacher q")
+        ax.plot(tok, p, color=COLORS[0], lw=2, label="student p")
+        ax.set(title=panel["label"], xlabel="token id j", ylabel="probability " + UNITLESS)
+        ax2 = ax.twinx()
+        ax2.bar(tok, -g, color=COLORS[3], alpha=0.45, width=1.0, label="descent step -dKL/dz_j")
+        ax2.set_ylabel("-dKL/dz_j (nats per logit)")
+        lim = float(np.abs(g).max()) * 1.1 or 1.0
+        ax2.set_ylim(-lim, lim)
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper right")
+    fig.suptitle(title)
+    return _done(fig)
+
+
+def optimum(
+    labels: Sequence[str],
+    teacher: Sequence[float],
+    reward: Sequence[float],
+    optima: Mapping[str, Sequence[float]],
+    *,
+    title: str = "The optimum pi* ~ pi_T exp(lam R / beta) as lam/beta grows",
+) -> Figure:
+    """pi*(y) for several weight ratios (bars) beside the teacher, responses sorted by reward (dots, right axis)."""
+    r = _np(reward)
+    order = np.argsort(r, kind="stable")
+    fig, ax = plt.subplots(figsize=(min(10.0, 0.3 * len(labels) + 3), 4))
+    k = len(optima) + 1
+    width = 0.8 / k
+    x = np.arange(len(labels))
+    ax.bar(x - 0.4 + width / 2, _np(teacher)[order], width, color="0.6", label="teacher pi_T")
+    for i, (name, probs) in enumerate(optima.items()):
+        ax.bar(
+            x - 0.4 + width * (i + 1.5), _np(probs)[order], width, color=COLORS[i % len(COLORS)], label=name
+        )
+    ax.set_xticks(x, [labels[i] for i in order], rotation=90, fontsize=7)
+    ax.set(title=title, xlabel="response y (sorted by reward)", ylabel="probability of y " + UNITLESS)
+    ax2 = ax.twinx()
+    ax2.plot(x, r[order], "k.-", ms=6, lw=0.8, label="reward R(y)")
+    ax2.set_ylabel("reward R(y) (reward units)")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left")
+    return _done(fig)
+
+
+def per_position(
+    curves: Mapping[str, Sequence[float]],
+    *,
+    title: str,
+    ylabel: str = "E[KL_t(s_t)] (nats)",
+    styles: Mapping[str, str] | None = None,
+) -> Figure:
+    """Per-position curves (e.g. the per-state KL along the response) for several students."""
+    first = next(iter(curves.values()))
+    return lines(
+        range(len(_np(first))),
+        curves,
+        title=title,
+        xlabel="position t in the response (tokens)",
+        ylabel=ylabel,
+        styles=styles,
+    )
+
+
+def timings(
+    sizes: Sequence[int],
+    times_ms: Mapping[str, Sequence[float]],
+    *,
+    title: str,
+    xlabel: str = "vocabulary size V (tokens)",
+) -> Figure:
+    """Log-log timing plot (milliseconds) for several implementations over problem sizes."""
+    return lines(
+        sizes,
+        times_ms,
+        title=title,
+        xlabel=xlabel,
+        ylabel="forward + backward time (ms)",
+        logx=True,
+        logy=True,
+    )
+
+
+def histogram(
+    samples: Mapping[str, Sequence[float]],
+    *,
+    title: str,
+    xlabel: str,
+    bins: int = 40,
+) -> Figure:
+    """Overlaid histograms (densities) of scalar samples."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for i, (name, s) in enumerate(samples.items()):
+        ax.hist(_np(s), bins=bins, density=True, alpha=0.5, color=COLORS[i % len(COLORS)], label=name)
+    ax.legend(fontsize=8)
+    ax.set(title=title, xlabel=xlabel, ylabel="density (1 / x units)")
+    return _done(fig)
