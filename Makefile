@@ -32,7 +32,7 @@ test: $(STAMP)
 	$(MAKE) --no-print-directory test-notebooks
 
 test-unit: $(STAMP)
-	OMP_NUM_THREADS=1 $(VPY) -m pytest -n $(JOBS) tests $(ARGS)
+	OMP_NUM_THREADS=1 $(VPY) -m pytest -n $(JOBS) -m "not browser" tests $(ARGS)
 
 test-notebooks: $(STAMP)
 	HYBRIDLAB_SMOKE=1 OMP_NUM_THREADS=1 MPLBACKEND=Agg $(VPY) -m pytest -n $(JOBS) --dist loadfile \
