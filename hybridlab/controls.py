@@ -37,7 +37,15 @@ from functools import partial
 import torch
 from torch import nn
 
-from .exact import DTYPE, SequenceSpace, flat_grad, prefix_codes, sample, sequence_probs
+from .exact import (
+    DTYPE,
+    SequenceSpace,
+    flat_grad,
+    group_estimate,
+    prefix_codes,
+    sampled_estimates,
+    sequence_probs,
+)
 from .hybrid import HybridLossOutput, hybrid_loss
 from .sparse import kl_estimate, selected_logprobs
 
@@ -242,53 +250,13 @@ def expected_state_kl_gradient(
 # Per-group estimates: exact moments over every group, and Monte Carlo.
 
 
-def _group_estimate(loss_fn, policy, teacher, actions, mask, reward, group_size, temperature, kwargs):
-    with torch.no_grad():
-        teacher_logits = teacher(actions)
-    if callable(kwargs.get("baseline")):  # a state baseline b(s_t) computed for this group's responses
-        kwargs = {**kwargs, "baseline": kwargs["baseline"](actions, mask)}
-    out = loss_fn(
-        policy(actions),
-        teacher_logits,
-        actions,
-        reward(actions, mask),
-        mask=mask,
-        temperature=temperature,
-        backend="torch",
-        group_size=group_size if group_size > 1 else None,
-        **kwargs,
-    )
-    return -flat_grad(_as_scalar(out), policy)  # normalize="sequences": the group mean estimate
-
-
-def sampled_gradients(
-    loss_fn: LossFn,
-    policy: nn.Module,
-    teacher: nn.Module,
-    space: SequenceSpace,
-    reward: Callable,
-    *,
-    n_groups: int,
-    group_size: int = 1,
-    seed: int = 0,
-    temperature: float = 1.0,
-    rollout_temperature: float | None = None,
-    **kwargs,
-) -> torch.Tensor:
-    """Independent Monte Carlo estimates, one per group of `group_size` fresh samples: [n_groups, P].
+def sampled_gradients(loss_fn: LossFn, policy, teacher, space, reward, **kwargs) -> torch.Tensor:
+    """Monte Carlo estimates of `loss_fn`'s target, one row per group: `exact.sampled_estimates` with a loss.
 
     Row = -grad(loss) on one group with normalize="sequences": the group's mean estimate of the control's
     target (grad J for `hybrid_loss`). Group baselines ("reward_group", "return_group") use the group.
     """
-    t_roll = temperature if rollout_temperature is None else rollout_temperature
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n_groups):
-        actions, mask = sample(policy, group_size, g, t_roll, space.eos)
-        rows.append(
-            _group_estimate(loss_fn, policy, teacher, actions, mask, reward, group_size, temperature, kwargs)
-        )
-    return torch.stack(rows)
+    return sampled_estimates(policy, teacher, space, reward, loss_fn=loss_fn, **kwargs)
 
 
 def exact_moments(
@@ -321,16 +289,15 @@ def exact_moments(
     for idx in itertools.product(range(space.size), repeat=group_size):
         sel = torch.tensor(idx)
         rows.append(
-            _group_estimate(
-                loss_fn,
+            group_estimate(
                 policy,
                 teacher,
                 space.actions[sel],
                 space.mask[sel],
                 reward,
-                group_size,
-                temperature,
-                kwargs,
+                temperature=temperature,
+                loss_fn=loss_fn,
+                **kwargs,
             )
         )
         weights.append(math.prod(float(probs[i]) for i in idx))

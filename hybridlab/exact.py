@@ -278,6 +278,41 @@ def sample(
     return actions, mask
 
 
+def group_estimate(
+    policy: nn.Module,
+    teacher: nn.Module,
+    actions: torch.Tensor,
+    mask: torch.Tensor,
+    reward: Callable,
+    *,
+    temperature: float = 1.0,
+    loss_fn: Callable = hybrid_loss,
+    **loss_kwargs,
+) -> torch.Tensor:
+    """-grad(loss) on one group of responses ([G, H] actions and mask): the group's mean estimate. [P]
+
+    `loss_fn` has hybrid_loss's signature (a control from `hybridlab.controls` works too); a callable
+    `baseline=` is evaluated on the group's (actions, mask) to give the [G, H] state baseline.
+    """
+    g = actions.shape[0]
+    if callable(loss_kwargs.get("baseline")):
+        loss_kwargs = {**loss_kwargs, "baseline": loss_kwargs["baseline"](actions, mask)}
+    with torch.no_grad():
+        teacher_logits = teacher(actions)
+    out = loss_fn(
+        policy(actions),
+        teacher_logits,
+        actions,
+        reward(actions, mask),
+        mask=mask,
+        temperature=temperature,
+        backend="torch",
+        group_size=g if g > 1 else None,
+        **loss_kwargs,
+    )
+    return -flat_grad(out.loss if hasattr(out, "loss") else out, policy)
+
+
 def sampled_estimates(
     policy: nn.Module,
     teacher: nn.Module,
@@ -288,29 +323,31 @@ def sampled_estimates(
     group_size: int = 1,
     seed: int = 0,
     temperature: float = 1.0,
-    **hybrid_kwargs,
+    rollout_temperature: float | None = None,
+    loss_fn: Callable = hybrid_loss,
+    **loss_kwargs,
 ) -> torch.Tensor:
-    """Independent Monte Carlo estimates of grad J, one per group of `group_size` samples: [n_groups, P].
+    """Independent Monte Carlo estimates of grad J, one per group of `group_size` fresh samples: [n_groups, P].
 
-    Each row is -grad(hybrid_loss) on one group of G = group_size samples (the loss already averages over the
-    group's sequences), so the rows' mean converges to grad J at 1/sqrt(N).
+    Each row is -grad(loss) on one group of G = group_size samples (the loss already averages over the
+    group's sequences), so the rows' mean converges to grad J at 1/sqrt(N). `rollout_temperature` other
+    than `temperature` samples at one temperature and trains at another (the mismatch pitfall).
     """
+    t_roll = temperature if rollout_temperature is None else rollout_temperature
     g = torch.Generator().manual_seed(seed)
     rows = []
     for _ in range(n_groups):
-        actions, mask = sample(policy, group_size, g, temperature, space.eos)
-        with torch.no_grad():
-            teacher_logits = teacher(actions)
-        out = hybrid_loss(
-            policy(actions),
-            teacher_logits,
-            actions,
-            reward(actions, mask),
-            mask=mask,
-            temperature=temperature,
-            backend="torch",
-            group_size=group_size if group_size > 1 else None,
-            **hybrid_kwargs,
+        actions, mask = sample(policy, group_size, g, t_roll, space.eos)
+        rows.append(
+            group_estimate(
+                policy,
+                teacher,
+                actions,
+                mask,
+                reward,
+                temperature=temperature,
+                loss_fn=loss_fn,
+                **loss_kwargs,
+            )
         )
-        rows.append(-flat_grad(out.loss, policy))
     return torch.stack(rows)
