@@ -78,3 +78,32 @@ def describe_nonfinite(name: str, x: torch.Tensor, rows: torch.Tensor | None = N
     if sub.numel() and torch.isneginf(sub).all(dim=-1).any():
         return f"{name} {shape_of(x)} has a row whose entries are all -inf (no probability mass)"
     return None
+
+
+def check_actions(actions: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    """Token ids: integer, the logits' shape without V, same device, in [0, V) wherever the mask counts."""
+    check_tensor("actions", actions)
+    if actions.dtype.is_floating_point or actions.dtype == torch.bool or actions.is_complex():
+        raise ValueError(f"actions must be an integer tensor, got {actions.dtype} {shape_of(actions)}")
+    if tuple(actions.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"actions {shape_of(actions)} must have the logits' shape without V: logits {shape_of(logits)}"
+        )
+    if actions.device != logits.device:
+        raise ValueError(f"device mismatch: actions on {actions.device}, logits on {logits.device}")
+    v = logits.shape[-1]
+    bad = (actions < 0) | (actions >= v)
+    if mask is not None:
+        bad = bad & mask
+    if bad.any():
+        raise ValueError(f"actions {shape_of(actions)} has ids outside [0, V={v}) on counted tokens")
+
+
+def check_finite_vector(name: str, x: torch.Tensor, shape: tuple, device) -> None:
+    check_tensor(name, x)
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} {shape_of(x)} must have shape [{', '.join(map(str, shape))}]")
+    if x.device != device:
+        raise ValueError(f"device mismatch: {name} on {x.device}, expected {device}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} {shape_of(x)} contains NaN or inf")

@@ -1,4 +1,8 @@
-"""Row-chunked helpers over [N, V] logits shared by the dense and sparse terms (one fp32 chunk at a time)."""
+"""Row-chunked helpers over [N, V] logits shared by the dense and sparse terms (one fp32 chunk at a time).
+
+`active` ([N] bool or None) marks the rows that count: inactive rows (padding) are never read into a result,
+so garbage there (NaN, all -inf) cannot leak into a loss or a gradient.
+"""
 
 from __future__ import annotations
 
@@ -19,20 +23,29 @@ def row_chunks(n: int, v: int):
         yield slice(s, min(s + step, n))
 
 
-def row_logsumexp(z: torch.Tensor, temperature: float) -> torch.Tensor:
-    """logsumexp(z / tau) per row: [N, V] -> [N] in the compute dtype."""
+def row_logsumexp(z: torch.Tensor, temperature: float, active: torch.Tensor | None = None) -> torch.Tensor:
+    """logsumexp(z / tau) per row: [N, V] -> [N] in the compute dtype; 0 on inactive rows."""
     cdt = compute_dtype(z)
     out = torch.empty(z.shape[0], dtype=cdt, device=z.device)
     for sl in row_chunks(*z.shape):
         out[sl] = torch.logsumexp(z[sl].to(cdt) / temperature, dim=-1)
+    if active is not None:
+        out = torch.where(active, out, torch.zeros((), dtype=cdt, device=z.device))
     return out
 
 
 def selected_logprob(
-    z: torch.Tensor, actions: torch.Tensor, lse: torch.Tensor, temperature: float
+    z: torch.Tensor,
+    actions: torch.Tensor,
+    lse: torch.Tensor,
+    temperature: float,
+    active: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """log softmax(z / tau)[a] per row given the row's log-sum-exp: [N, V], [N], [N] -> [N]."""
-    return z.gather(1, actions[:, None])[:, 0].to(lse.dtype) / temperature - lse
+    """log softmax(z / tau)[a] per row given the row's log-sum-exp: [N, V], [N], [N] -> [N]; 0 on inactive rows."""
+    out = z.gather(1, actions[:, None])[:, 0].to(lse.dtype) / temperature - lse
+    if active is not None:
+        out = torch.where(active, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return out
 
 
 def add_score_grad(
@@ -42,11 +55,22 @@ def add_score_grad(
     lse: torch.Tensor,
     g: torch.Tensor,
     temperature: float,
+    active: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """out += g * d log softmax(z / tau)[a] / dz = g * (onehot(a) - p) / tau, in place, chunked: [N, V]."""
-    g = g.to(lse.dtype)
+    """out += g * d log softmax(z / tau)[a] / dz = g * (onehot(a) - p) / tau, in place, chunked: [N, V].
+
+    Each chunk is formed in fp32 (one-hot term included) and rounded once into `out`: for a bf16 buffer,
+    rounding before adding the one-hot term would cancel two nearly equal numbers when p_a is close to 1.
+    """
+    cdt = lse.dtype
+    scale = g.to(cdt) / temperature
+    if active is not None:
+        scale = torch.where(active, scale, torch.zeros((), dtype=cdt, device=scale.device))
     for sl in row_chunks(*z.shape):
-        p = torch.exp(z[sl].to(lse.dtype) / temperature - lse[sl, None])
-        out[sl] = (out[sl].to(lse.dtype) - (g[sl, None] / temperature) * p).to(out.dtype)
-    out.scatter_add_(1, actions[:, None], (g / temperature).to(out.dtype)[:, None])
+        p = torch.exp(z[sl].to(cdt) / temperature - lse[sl, None])
+        if active is not None:
+            p = torch.where(active[sl, None], p, torch.zeros((), dtype=cdt, device=p.device))
+        tmp = out[sl].to(cdt) - scale[sl, None] * p
+        tmp.scatter_add_(1, actions[sl, None], scale[sl, None])
+        out[sl] = tmp.to(out.dtype)
     return out

@@ -95,23 +95,40 @@ def save_checkpoint(
         f.flush()
         os.fsync(f.fileno())
     _fsync_dir(tmp)
-    if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
-        shutil.rmtree(final)
+    aside = None
+    if final.exists():  # re-saving a step (e.g. after a resume): swap, so a crash never leaves neither
+        aside = root / f".step-{step:08d}.old-{os.getpid()}"
+        os.replace(final, aside)
     os.replace(tmp, final)
     _fsync_dir(root)
     _write_atomic(root / "latest", json.dumps({"step": step, "path": final.name}))
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+    if keep > 0:  # rotate the others, never the checkpoint just written
+        others = sorted(p for p in _complete(root) if p != final)
+        for old in others[: max(0, len(others) - (keep - 1))]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def _complete(root: Path) -> list[Path]:
+    return [
+        p
+        for p in root.glob("step-*")
+        if p.is_dir() and (p / "model.safetensors").exists() and (p / "state.pt").exists()
+    ]
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
-    pointer = Path(run_dir) / "checkpoints" / "latest"
-    if not pointer.exists():
-        return None
-    path = pointer.parent / json.loads(pointer.read_text())["path"]
-    return path if (path / "model.safetensors").exists() and (path / "state.pt").exists() else None
+    """The checkpoint `latest` points to, else the newest complete one, else None."""
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / "latest"
+    if pointer.exists():
+        path = root / json.loads(pointer.read_text())["path"]
+        if path in _complete(root):
+            return path
+    done = sorted(_complete(root))
+    return done[-1] if done else None
 
 
 def load_checkpoint(

@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ._checks import (
     check_logits_pair,
@@ -145,20 +146,22 @@ class DenseKLFunction(torch.autograd.Function):
         ctx.temperature = temperature
         logp = lse = None
         if actions is not None:
-            lse = row_logsumexp(student, temperature)
-            logp = selected_logprob(student, actions, lse, temperature)
-        if need_grad:
-            ctx.save_for_backward(grad, student, actions, lse)
+            lse = row_logsumexp(student, temperature, active)
+            logp = selected_logprob(student, actions, lse, temperature, active)
+        if need_grad:  # the logits themselves are kept only when the score gradient will need them
+            keep = actions is not None
+            ctx.save_for_backward(grad, student if keep else None, actions, lse, active)
         return kl, logp
 
     @staticmethod
+    @once_differentiable  # the backward is closed-form: a second derivative through it would be wrong
     def backward(ctx, grad_kl, grad_logp):
         if ctx.consumed:
             raise RuntimeError(
                 "dense_kl's saved gradient was already used by a backward pass (it is scaled in place to save "
                 "an [N, V] buffer); call dense_kl(..., inplace_backward=False) to backpropagate more than once"
             )
-        grad, student, actions, lse = ctx.saved_tensors
+        grad, student, actions, lse, active = ctx.saved_tensors
         out = grad if ctx.inplace else grad.clone()
         ctx.consumed = ctx.inplace
         if grad_kl is None:
@@ -167,7 +170,7 @@ class DenseKLFunction(torch.autograd.Function):
             # bf16/fp16 x fp32 is computed in fp32 and rounded once into the buffer
             out.mul_(grad_kl.to(torch.float64 if grad.dtype == torch.float64 else torch.float32)[:, None])
         if grad_logp is not None:
-            add_score_grad(out, student, actions, lse, grad_logp, ctx.temperature)
+            add_score_grad(out, student, actions, lse, grad_logp, ctx.temperature, active)
         return out, None, None, None, None, None, None, None, None
 
 

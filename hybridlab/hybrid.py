@@ -18,13 +18,21 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import check_logits_pair, check_mask, check_temperature, check_tensor, shape_of
+from ._checks import (
+    check_actions,
+    check_finite_vector,
+    check_logits_pair,
+    check_mask,
+    check_temperature,
+    shape_of,
+)
 from .dense import dense_kl_and_logprobs
 from .sparse import (
     FUTURE_ESTIMATORS,
     combined_returns,
     future_sum,
     kl_estimate,
+    selected_logprobs,
     state_baseline,
 )
 
@@ -108,23 +116,15 @@ def hybrid_loss(
     if student_logits.dim() != 3:
         raise ValueError(f"student_logits must be [B, T, V], got {shape_of(student_logits)}")
     b, t, v = student_logits.shape
-    check_tensor("actions", actions)
-    if actions.dtype.is_floating_point or actions.dtype == torch.bool or actions.is_complex():
-        raise ValueError(f"actions must be an integer tensor, got {actions.dtype} {shape_of(actions)}")
-    if tuple(actions.shape) != (b, t):
-        raise ValueError(f"actions {shape_of(actions)} must be [B, T] = [{b}, {t}] like student_logits")
-    check_tensor("rewards", rewards)
-    if tuple(rewards.shape) != (b,):
-        raise ValueError(f"rewards {shape_of(rewards)} must be [B] = [{b}]")
-    if not torch.isfinite(rewards).all():
-        raise ValueError(f"rewards {shape_of(rewards)} contains NaN or inf")
     if mask is None:
         mask = torch.ones(b, t, dtype=torch.bool, device=student_logits.device)
     check_mask(mask, (b, t), "student_logits", student_logits.device)
-    if seq_weights is not None and tuple(check_tensor("seq_weights", seq_weights).shape) != (b,):
-        raise ValueError(f"seq_weights {shape_of(seq_weights)} must be [B] = [{b}]")
-    if ((actions < 0) | (actions >= v))[mask].any():
-        raise ValueError(f"actions {shape_of(actions)} has ids outside [0, V={v}) on unmasked tokens")
+    check_actions(actions, student_logits, mask)
+    check_finite_vector("rewards", rewards, (b,), student_logits.device)
+    if seq_weights is not None:
+        check_finite_vector("seq_weights", seq_weights, (b,), student_logits.device)
+    if isinstance(baseline, torch.Tensor):
+        check_finite_vector("baseline", baseline, (b, t), student_logits.device)
     if future not in FUTURE_ESTIMATORS:
         raise ValueError(f"future must be one of {FUTURE_ESTIMATORS}, got {future!r}")
     if not 0.0 <= gamma <= 1.0:
@@ -146,12 +146,18 @@ def hybrid_loss(
     c = _normalizer(normalize, mask, seq_weights, dtype)  # [B]
     dense = beta * (c * kl.sum(1)).sum()
 
+    if not torch.isfinite(logp.detach()[mask]).all():
+        raise ValueError(
+            f"actions {shape_of(actions)} include a token the student gives probability 0 at temperature {tau} "
+            "(a -inf logit): the rollout was not sampled from this softmax (other logits processors, masks, "
+            "or a different temperature)"
+        )
+
     # Sparse term: score function times the (detached) combined return.
     with torch.no_grad():
         zero = torch.zeros((), dtype=dtype, device=mask.device)
-        teacher_logp = torch.log_softmax(teacher_logits.to(dtype), dim=-1).gather(
-            -1, actions.clamp(0, v - 1)[..., None]
-        )[..., 0]
+        # row-chunked: no full-vocabulary fp32 copy of a bf16 teacher
+        teacher_logp = selected_logprobs(teacher_logits, actions, 1.0, mask).to(dtype)
         if teacher_floor is not None:
             teacher_logp = teacher_logp.clamp_min(teacher_floor)
         logratio = torch.where(mask, logp.detach() - teacher_logp, zero)

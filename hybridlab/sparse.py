@@ -13,7 +13,9 @@ Everything here is plain tensor math over [B, T] with a bool mask of response to
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
+from ._checks import check_actions, check_tensor
 from ._logits import add_score_grad, row_logsumexp, selected_logprob
 
 FUTURE_ESTIMATORS = ("analytic", "k1", "k3", "none")
@@ -23,24 +25,35 @@ class _SelectedLogprob(torch.autograd.Function):
     """log softmax(z / tau)[a] per row; backward (onehot(a) - p) / tau, chunked (no autograd [N, V] graph)."""
 
     @staticmethod
-    def forward(ctx, z, actions, temperature):
-        lse = row_logsumexp(z, temperature)
-        ctx.save_for_backward(z, actions, lse)
+    def forward(ctx, z, actions, temperature, active):
+        lse = row_logsumexp(z, temperature, active)
+        ctx.save_for_backward(z, actions, lse, active)
         ctx.temperature = temperature
-        return selected_logprob(z, actions, lse, temperature)
+        return selected_logprob(z, actions, lse, temperature, active)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g):
-        z, actions, lse = ctx.saved_tensors
-        return add_score_grad(torch.zeros_like(z), z, actions, lse, g, ctx.temperature), None, None
+        z, actions, lse, active = ctx.saved_tensors
+        grad = add_score_grad(torch.zeros_like(z), z, actions, lse, g, ctx.temperature, active)
+        return grad, None, None, None
 
 
-def selected_logprobs(logits: torch.Tensor, actions: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / temperature)[actions]: [..., V] x [...] -> [...], differentiable w.r.t. logits."""
+def selected_logprobs(
+    logits: torch.Tensor, actions: torch.Tensor, temperature: float = 1.0, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """log softmax(logits / temperature)[actions]: [..., V] x [...] -> [...], differentiable w.r.t. logits.
+
+    Rows where `mask` ([...] bool) is False give 0 and no gradient, whatever their logits hold.
+    """
+    check_tensor("logits", logits)
+    check_actions(actions, logits, mask)
     v = logits.shape[-1]
-    batch = actions.shape
-    out = _SelectedLogprob.apply(logits.reshape(-1, v), actions.reshape(-1).clamp(0, v - 1), temperature)
-    return out.reshape(batch)
+    active = None if mask is None else mask.reshape(-1)
+    out = _SelectedLogprob.apply(
+        logits.reshape(-1, v), actions.reshape(-1).clamp(0, v - 1), temperature, active
+    )
+    return out.reshape(actions.shape)
 
 
 def kl_estimate(student_logp: torch.Tensor, teacher_logp: torch.Tensor, kind: str) -> torch.Tensor:
@@ -62,8 +75,9 @@ def future_sum(x: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch
     gamma = 1 is the exact objective's future KL; gamma = 0 gives zeros (the myopic rule).
     """
     x = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
-    if gamma == 1.0:
-        return x.flip(-1).cumsum(-1).flip(-1) - x
+    if gamma == 1.0:  # exclusive reverse cumsum: no (sum - x) cancellation in low precision
+        rev = x.flip(-1).cumsum(-1).flip(-1)
+        return torch.cat([rev[:, 1:], torch.zeros_like(rev[:, :1])], 1)
     if gamma == 0.0:
         return torch.zeros_like(x)
     out = torch.zeros_like(x)

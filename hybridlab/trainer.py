@@ -22,6 +22,7 @@ would be the rollout/training mismatch pitfall of the brief).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import GenerationConfig
 
 from .dense import dense_kl
 from .hybrid import NORMALIZATIONS, hybrid_loss
@@ -214,21 +216,33 @@ def sample(
 ) -> Rollout:
     """Responses to `prompts` from `model.generate` (full-vocabulary sampling at `temperature`, or greedy)."""
     enc = encode_prompts(tokenizer, prompts, device=next(model.parameters()).device)
+    # An explicit config, not the model's: its defaults (repetition penalty, suppressed tokens, top-k ...)
+    # would make the sampling policy differ from the softmax(z / tau) the loss differentiates.
     kw = (
         {"do_sample": False}
         if greedy
         else {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
     )
-    seq = model.generate(
-        **enc,
+    gen = GenerationConfig(
         max_new_tokens=max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
         **kw,
     )
+    seq = model.generate(**enc, generation_config=gen)
     return make_rollout(
         tokenizer, task, prompts, seq[:, enc["input_ids"].shape[1] :], enc, temperature, reward_kind
     )
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Run a block under a fixed seed without disturbing the training streams (CPU and the current GPU)."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def sft_loss(
@@ -325,7 +339,7 @@ class HybridTrainer:
     def compute_loss(self, ro: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss for the configured method on a rollout, and scalar diagnostics."""
         c = self.config
-        self.student.train()
+        self.student.eval()  # score the policy that sampled: no dropout (gradients flow in eval mode too)
         s_logits = response_logits(self.student, ro)
         with torch.no_grad():
             t_logits = response_logits(self.teacher, ro)
@@ -360,6 +374,11 @@ class HybridTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(self.student.parameters(), c.grad_clip)
+        if not torch.isfinite(gn):
+            raise FloatingPointError(
+                f"non-finite gradient norm ({float(gn)}) at step {self.step_count + 1}: the update was not "
+                f"applied and the model is unchanged (loss {m['loss']}); check rewards and logits"
+            )
         self.optimizer.step()
         self.step_count += 1
         self.samples_seen += len(ro.prompts)
@@ -375,8 +394,7 @@ class HybridTrainer:
         self.student.eval()
         greedy = sample(self.student, self.tokenizer, self.task, self.eval_prompts, greedy=True,
                         max_new_tokens=self.max_new_tokens, reward_kind="exact")  # fmt: skip
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(10_000 + c.seed)
+        with seeded(10_000 + c.seed):
             ro = sample(self.student, self.tokenizer, self.task, self.eval_prompts, temperature=c.temperature,
                         max_new_tokens=self.max_new_tokens, reward_kind=c.reward_kind)  # fmt: skip
         kl = dense_kl(response_logits(self.student, ro), response_logits(self.teacher, ro),

@@ -102,3 +102,22 @@ def test_wrong_model_is_a_clear_error(tmp_path):
     other = torch.nn.Linear(4, 3)
     with pytest.raises(ValueError, match="does not fit the model: missing"):
         load_checkpoint(latest_checkpoint(tmp_path), other)
+
+
+def test_saving_an_older_step_keeps_it_and_latest_stays_valid(tmp_path):
+    model, opt, sched = _make()
+    for step in (200, 300, 150):
+        save_checkpoint(tmp_path, step, model, opt, sched, keep=2)
+    assert latest_checkpoint(tmp_path).name == "step-00000150"
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["latest", "step-00000150", "step-00000300"]
+
+
+def test_a_dangling_latest_falls_back_to_the_newest_complete_checkpoint(tmp_path):
+    model, opt, sched = _make()
+    save_checkpoint(tmp_path, 1, model, opt, sched)
+    save_checkpoint(tmp_path, 2, model, opt, sched)
+    import shutil
+
+    shutil.rmtree(tmp_path / "checkpoints" / "step-00000002")
+    assert latest_checkpoint(tmp_path).name == "step-00000001"

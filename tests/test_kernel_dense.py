@@ -292,3 +292,38 @@ def test_bench_cpu_smoke(capsys):
         torch.set_num_threads(threads)  # the CPU mode pins one thread for steady timings
     out = capsys.readouterr().out
     assert "triton kernel" in out and "autograd log_softmax" in out and "copy bandwidth" in out
+
+
+@pytest.mark.parametrize("floor", [None, -30.0])
+def test_small_blocks_dead_teacher_entries_and_late_student_maximum(floor):
+    """A teacher -inf in block 0 under a student entry that becomes dead (p = 0 in fp32) only once a later
+    block raises the student's maximum by > 104: the result must not depend on the block size."""
+    from hybridlab.dense import _torch_impl
+    from hybridlab.kernels.dense_kl_triton import dense_kl_triton_impl
+
+    v = 64
+    z = torch.zeros(2, v)
+    t = torch.zeros(2, v)
+    t[:, 3] = -float("inf")  # block 0: teacher gives 0 where the student (for now) has mass
+    z[:, 50] = 200.0  # block 3 (of 16 columns): the student's mass moves there, p_3 underflows to 0
+    z[1, 7] = -5.0
+    want_kl, want_grad = _torch_impl(z, t, None, 1.0, True, floor)
+    for block in (16, 64):
+        kl, grad = dense_kl_triton_impl(z, t, None, 1.0, True, floor, block=block)
+        assert torch.isfinite(kl).all(), (block, kl)
+        torch.testing.assert_close(kl, want_kl.float(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_floor_over_several_blocks_matches_torch():
+    from hybridlab.dense import _torch_impl
+    from hybridlab.kernels.dense_kl_triton import dense_kl_triton_impl
+
+    g = torch.Generator().manual_seed(5)
+    z = 3 * torch.randn(3, 100, generator=g)
+    t = 3 * torch.randn(3, 100, generator=g)
+    t[:, ::7] = -float("inf")
+    want_kl, want_grad = _torch_impl(z, t, None, 0.8, True, -20.0)
+    kl, grad = dense_kl_triton_impl(z, t, None, 0.8, True, -20.0, block=16)
+    torch.testing.assert_close(kl, want_kl.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-6)

@@ -23,6 +23,10 @@ def _free_port() -> int:
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+@pytest.mark.skipif(
+    not (ROOT / ".venv" / ".hybridlab-installed").exists(),
+    reason="`make lab` would first build .venv (run the tests through `make test` to check it)",
+)
 def test_make_lab_serves_api_status():
     port, token = _free_port(), secrets.token_hex(8)
     args = f"--no-browser --ip=127.0.0.1 --port={port} --ServerApp.token={token} --ServerApp.port_retries=0"

@@ -105,7 +105,9 @@ def _dense_kl_kernel(
                 # 0 log 0 = 0: select before subtracting, so -inf - -inf never makes a NaN.
                 live = e > 0
                 d = tl.where(live, xs, 0.0) - tl.where(live, ts, 0.0)
-                a_vec = alpha_p * (a_vec + shift * sp_vec) + e * d
+                # alpha_p == 0: the max jumped so far that every earlier entry has p = 0 in fp32 (dead, as in
+                # the torch backend); drop them rather than compute 0 * inf = NaN from a -inf teacher entry.
+                a_vec = tl.where(alpha_p > 0, alpha_p * (a_vec + shift * sp_vec), 0.0) + e * d
             sp_vec = alpha_p * sp_vec + e
             sq_vec = alpha_q * sq_vec + tl.exp(ts)
             m_p = new_mp

@@ -155,10 +155,9 @@ def teacher_success(
     teacher, tokenizer, task: str, prompts: list[str], samples: int, seed: int = 0
 ) -> list[float]:
     """Per-prompt success probability of the teacher at temperature 1, estimated from `samples` samples each."""
-    from ..trainer import sample
+    from ..trainer import sample, seeded
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         reps = [p for p in prompts for _ in range(samples)]
         ro = sample(
             teacher, tokenizer, task, reps, temperature=1.0, max_new_tokens=TASKS[task].max_answer_len + 2

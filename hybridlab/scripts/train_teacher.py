@@ -23,7 +23,7 @@ import torch
 
 from ..models import build_model, build_tokenizer, count_parameters, save_checkpoint
 from ..tasks import TASKS, make_splits
-from ..trainer import response_logits, sample, sft_loss, teacher_forcing_rollout
+from ..trainer import response_logits, sample, seeded, sft_loss, teacher_forcing_rollout
 
 
 def corrupt_answers(rows: list[dict[str, str]], fraction: float, seed: int) -> list[dict[str, str]]:
@@ -47,8 +47,7 @@ def evaluate(model, tokenizer, task: str, rows, max_new_tokens: int, seed: int) 
     model.eval()
     prompts = [r["prompt"] for r in rows]
     greedy = sample(model, tokenizer, task, prompts, greedy=True, max_new_tokens=max_new_tokens)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         sampled = sample(model, tokenizer, task, prompts, temperature=1.0, max_new_tokens=max_new_tokens)
     return {"greedy_acc": float(greedy.rewards.mean()), "sampled_reward": float(sampled.rewards.mean())}
 
