@@ -65,9 +65,8 @@ def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def _teacher_logprobs(
     teacher_logits: torch.Tensor, actions: torch.Tensor, dtype, teacher_floor
 ) -> torch.Tensor:
-    v = teacher_logits.shape[-1]
-    logq = torch.log_softmax(teacher_logits.detach().to(dtype), -1)
-    out = logq.gather(-1, actions.clamp(0, v - 1)[..., None])[..., 0]
+    with torch.no_grad():
+        out = selected_logprobs(teacher_logits.detach(), actions, 1.0).to(dtype)
     return out if teacher_floor is None else out.clamp_min(teacher_floor)
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .hybrid import flat_grad as _flat_grad
 from .hybrid import hybrid_loss
 
 DTYPE = torch.float64
@@ -169,9 +170,8 @@ def objective(
 
 
 def flat_grad(y: torch.Tensor, policy: nn.Module) -> torch.Tensor:
-    params = list(policy.parameters())
-    gs = torch.autograd.grad(y, params, allow_unused=True)
-    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(gs, params)])
+    """grad of y w.r.t. all of the policy's parameters, flattened: [P]."""
+    return _flat_grad(y, policy.parameters())
 
 
 def exact_gradient(policy, teacher, space, reward, *, lam, beta, temperature=1.0) -> torch.Tensor:
@@ -211,11 +211,28 @@ def expected_estimate(policy, teacher, space, reward, **hybrid_kwargs) -> dict[s
     return {"dense": dense, "sparse": sparse, "total": dense + sparse}
 
 
+def tilted_distribution(
+    logq: torch.Tensor, rewards: torch.Tensor, *, lam: float, beta: float
+) -> torch.Tensor:
+    """pi*(y) proportional to pi_T(y) exp(lam R(y) / beta) from sequence log-probs and rewards ([S] each).
+
+    beta = 0 (pure RL) is the limit: the teacher restricted to the responses of maximal reward.
+    """
+    if beta > 0:
+        return torch.softmax(logq + lam * rewards / beta, 0)
+    if lam > 0:
+        best = rewards >= rewards.max() - 1e-12
+        return torch.softmax(torch.where(best, logq, torch.full_like(logq, -float("inf"))), 0)
+    raise ValueError(
+        f"lam and beta are both 0: J is constant and has no unique optimum (lam={lam}, beta={beta})"
+    )
+
+
 def optimal_distribution(teacher, space, reward, *, lam: float, beta: float) -> torch.Tensor:
     """pi*(y) proportional to pi_T(y) exp(lam R(y) / beta): the maximiser of J over all policies. [S]"""
     with torch.no_grad():
         logq = token_logprobs(teacher, space.actions, space.mask).sum(1)
-        return torch.softmax(logq + lam * reward(space.actions, space.mask) / beta, 0)
+        return tilted_distribution(logq, reward(space.actions, space.mask), lam=lam, beta=beta)
 
 
 def total_variation(p: torch.Tensor, q: torch.Tensor) -> float:

@@ -190,15 +190,17 @@ def hybrid_loss(
     )
 
 
-def _flat_grad(y: torch.Tensor, params: list[torch.nn.Parameter]) -> torch.Tensor:
+def flat_grad(y: torch.Tensor, params, retain_graph: bool = False) -> torch.Tensor:
+    """d y / d params, flattened into one [P] vector (zeros for parameters y does not depend on)."""
+    params = list(params)
     if not y.requires_grad:
         return torch.cat([torch.zeros_like(p).reshape(-1) for p in params])
-    gs = torch.autograd.grad(y, params, retain_graph=True, allow_unused=True)
+    gs = torch.autograd.grad(y, params, retain_graph=retain_graph, allow_unused=True)
     return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(gs, params)])
 
 
 def _part_grad_norms(dense: torch.Tensor, sparse: torch.Tensor, params) -> dict[str, float]:
-    gd, gs = _flat_grad(dense, params), _flat_grad(sparse, params)
+    gd, gs = flat_grad(dense, params, True), flat_grad(sparse, params, True)
     nd, ns = gd.norm(), gs.norm()
     cos = (gd @ gs) / (nd * ns) if nd > 0 and ns > 0 else torch.zeros(())
     return {"dense": float(nd), "sparse": float(ns), "total": float((gd + gs).norm()), "cosine": float(cos)}

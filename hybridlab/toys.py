@@ -26,7 +26,16 @@ import torch
 from torch import nn
 
 from .dense import dense_kl
-from .exact import DTYPE, SequenceSpace, TinyPolicy, enumerate_sequences, prefix_codes, sample, sequence_probs
+from .exact import (
+    DTYPE,
+    SequenceSpace,
+    TinyPolicy,
+    enumerate_sequences,
+    prefix_codes,
+    sample,
+    sequence_probs,
+    tilted_distribution,
+)
 
 IMITATION_MODES = ("offline", "on_policy")
 
@@ -172,7 +181,7 @@ def gibbs_optimum(q: torch.Tensor, r: torch.Tensor, *, lam: float, beta: float) 
     """pi*(y) = q(y) exp(lam R(y) / beta) / Z: the maximiser of `sequence_objective` ([S])."""
     if not beta > 0:
         raise ValueError(f"beta must be > 0 for the optimum to exist, got {beta!r}")
-    return torch.softmax(torch.log(q.to(DTYPE)) + lam * r.to(DTYPE) / beta, 0)
+    return tilted_distribution(torch.log(q.to(DTYPE)), r.to(DTYPE), lam=lam, beta=beta)
 
 
 def log_partition(q: torch.Tensor, r: torch.Tensor, *, lam: float, beta: float) -> float:

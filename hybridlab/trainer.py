@@ -266,9 +266,9 @@ def sampled_opd_loss(
     gradient is the myopic sum_t grad KL_t(s_t) (a Monte Carlo version of the dense term, no future KL).
     Shapes: [B, T, V], [B, T, V], [B, T], [B, T] -> (scalar loss, k [B, T] detached, 0 on padding).
     """
-    logp = selected_logprobs(student_logits, actions, temperature)
+    logp = selected_logprobs(student_logits, actions, temperature, mask)
     with torch.no_grad():
-        teacher_logp = selected_logprobs(teacher_logits.detach(), actions, 1.0).to(logp.dtype)
+        teacher_logp = selected_logprobs(teacher_logits.detach(), actions, 1.0, mask).to(logp.dtype)
         k = torch.where(mask, kl_estimate(logp.detach(), teacher_logp, "k1"), torch.zeros(()))
     loss = -(torch.where(mask, logp, torch.zeros(())) * (-k)).sum() / mask.shape[0]
     return loss, k

@@ -50,6 +50,7 @@ from .exact import (
     sample,
     sequence_codes,
     sequence_probs,
+    tilted_distribution,
     token_logprobs,
     total_variation,
 )
@@ -151,12 +152,9 @@ def _response_index(space, response: Sequence[int]) -> int:
 def optimal_policy(logq: torch.Tensor, rewards: torch.Tensor, lam: float, beta: float) -> torch.Tensor | None:
     """pi* ∝ pi_T exp(lam R / beta) over the enumeration; beta = 0: the teacher restricted to argmax R (the
     limit); None when lam = beta = 0 (J is constant)."""
-    if beta > 0:
-        return torch.softmax(logq + lam * rewards / beta, 0)
-    if lam > 0:
-        best = rewards >= rewards.max() - 1e-12
-        return torch.softmax(torch.where(best, logq, torch.full_like(logq, -math.inf)), 0)
-    return None
+    if lam == 0 and beta == 0:
+        return None
+    return tilted_distribution(logq, rewards, lam=lam, beta=beta)
 
 
 @contextlib.contextmanager
