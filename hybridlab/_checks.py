@@ -80,23 +80,29 @@ def describe_nonfinite(name: str, x: torch.Tensor, rows: torch.Tensor | None = N
     return None
 
 
-def check_actions(actions: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-    """Token ids: integer, the logits' shape without V, same device, in [0, V) wherever the mask counts."""
+def check_actions(
+    actions: torch.Tensor,
+    batch_shape,
+    vocab: int,
+    device,
+    mask: torch.Tensor | None = None,
+    ref: str = "logits",
+) -> None:
+    """Token ids: integer, shape `batch_shape`, on `device`, in [0, vocab) wherever the mask counts."""
     check_tensor("actions", actions)
     if actions.dtype.is_floating_point or actions.dtype == torch.bool or actions.is_complex():
         raise ValueError(f"actions must be an integer tensor, got {actions.dtype} {shape_of(actions)}")
-    if tuple(actions.shape) != tuple(logits.shape[:-1]):
+    if tuple(actions.shape) != tuple(batch_shape):
         raise ValueError(
-            f"actions {shape_of(actions)} must have the logits' shape without V: logits {shape_of(logits)}"
+            f"actions {shape_of(actions)} must have shape [{', '.join(map(str, batch_shape))}] to match {ref}"
         )
-    if actions.device != logits.device:
-        raise ValueError(f"device mismatch: actions on {actions.device}, logits on {logits.device}")
-    v = logits.shape[-1]
-    bad = (actions < 0) | (actions >= v)
+    if actions.device != device:
+        raise ValueError(f"device mismatch: actions on {actions.device}, {ref} on {device}")
+    bad = (actions < 0) | (actions >= vocab)
     if mask is not None:
         bad = bad & mask
     if bad.any():
-        raise ValueError(f"actions {shape_of(actions)} has ids outside [0, V={v}) on counted tokens")
+        raise ValueError(f"actions {shape_of(actions)} has ids outside [0, V={vocab}) on counted tokens")
 
 
 def check_finite_vector(name: str, x: torch.Tensor, shape: tuple, device) -> None:

@@ -116,19 +116,10 @@ def hybrid_loss(
     if student_logits.dim() != 3:
         raise ValueError(f"student_logits must be [B, T, V], got {shape_of(student_logits)}")
     b, t, v = student_logits.shape
-    if mask is None:
-        mask = torch.ones(b, t, dtype=torch.bool, device=student_logits.device)
-    check_mask(mask, (b, t), "student_logits", student_logits.device)
-    check_actions(actions, student_logits, mask)
-    check_finite_vector("rewards", rewards, (b,), student_logits.device)
-    if seq_weights is not None:
-        check_finite_vector("seq_weights", seq_weights, (b,), student_logits.device)
-    if isinstance(baseline, torch.Tensor):
-        check_finite_vector("baseline", baseline, (b, t), student_logits.device)
-    if future not in FUTURE_ESTIMATORS:
-        raise ValueError(f"future must be one of {FUTURE_ESTIMATORS}, got {future!r}")
-    if not 0.0 <= gamma <= 1.0:
-        raise ValueError(f"gamma must lie in [0, 1], got {gamma!r}")
+    dev = student_logits.device
+    mask = check_batch(
+        b, t, v, dev, actions, rewards, mask, seq_weights, baseline, future, gamma, "student_logits"
+    )
     tau = check_temperature(temperature)
 
     # Dense term: analytic KL per visited state (also the Rao-Blackwellised future estimate).
@@ -144,23 +135,69 @@ def hybrid_loss(
     )
     dtype = kl.dtype
     c = _normalizer(normalize, mask, seq_weights, dtype)  # [B]
-    dense = beta * (c * kl.sum(1)).sum()
-
-    if not torch.isfinite(logp.detach()[mask]).all():
-        raise ValueError(
-            f"actions {shape_of(actions)} include a token the student gives probability 0 at temperature {tau} "
-            "(a -inf logit): the rollout was not sampled from this softmax (other logits processors, masks, "
-            "or a different temperature)"
-        )
-
-    # Sparse term: score function times the (detached) combined return.
     with torch.no_grad():
-        zero = torch.zeros((), dtype=dtype, device=mask.device)
         # row-chunked: no full-vocabulary fp32 copy of a bf16 teacher
         teacher_logp = selected_logprobs(teacher_logits, actions, 1.0, mask).to(dtype)
         if teacher_floor is not None:
             teacher_logp = teacher_logp.clamp_min(teacher_floor)
-        logratio = torch.where(mask, logp.detach() - teacher_logp, zero)
+    out = assemble(kl, logp, teacher_logp, rewards, mask, c, beta=beta, lam=lam, future=future, gamma=gamma,
+                   baseline=baseline, group_size=group_size)  # fmt: skip
+    if parameters is not None:
+        out.grad_norms = _part_grad_norms(out.dense, out.sparse, list(parameters))
+    return out
+
+
+def check_batch(
+    b: int, t: int, vocab: int, device, actions, rewards, mask, seq_weights, baseline, future, gamma, ref: str
+) -> torch.Tensor:
+    """Validate the per-sequence inputs of a hybrid loss for B sequences of T tokens; return the mask [B, T]."""
+    if mask is None:
+        mask = torch.ones(b, t, dtype=torch.bool, device=device)
+    check_mask(mask, (b, t), ref, device)
+    check_actions(actions, (b, t), vocab, device, mask, ref)
+    check_finite_vector("rewards", rewards, (b,), device)
+    if seq_weights is not None:
+        check_finite_vector("seq_weights", seq_weights, (b,), device)
+    if isinstance(baseline, torch.Tensor):
+        check_finite_vector("baseline", baseline, (b, t), device)
+    if future not in FUTURE_ESTIMATORS:
+        raise ValueError(f"future must be one of {FUTURE_ESTIMATORS}, got {future!r}")
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must lie in [0, 1], got {gamma!r}")
+    return mask
+
+
+def assemble(
+    kl: torch.Tensor,
+    logp: torch.Tensor,
+    teacher_logp: torch.Tensor | None,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    c: torch.Tensor,
+    *,
+    beta: float,
+    lam: float,
+    future: str,
+    gamma: float,
+    baseline,
+    group_size: int | None,
+) -> HybridLossOutput:
+    """The dense and sparse terms from per-token KL [B, T] and log-probs [B, T] (both differentiable), the
+    teacher's sampled-token log-probs [B, T] (needed for k1/k3; None gives a zero `logratio`) and weights c [B]."""
+    if not torch.isfinite(logp.detach()[mask]).all():
+        raise ValueError(
+            "actions include a token the student gives probability 0 (a -inf logit): the rollout was not "
+            "sampled from this softmax (other logits processors, masks, or a different temperature)"
+        )
+    zero = torch.zeros((), dtype=kl.dtype, device=mask.device)
+    dense = beta * (c * kl.sum(1)).sum()
+    with torch.no_grad():
+        if teacher_logp is None:
+            if future in ("k1", "k3"):
+                raise ValueError(f"future={future!r} needs the teacher's log-probs at the sampled tokens")
+            logratio = torch.zeros_like(kl)
+        else:
+            logratio = torch.where(mask, logp.detach() - teacher_logp, zero)
         if future == "analytic":
             k_future = kl.detach()
         elif future == "none":
@@ -172,10 +209,6 @@ def hybrid_loss(
         base = state_baseline(baseline, rewards, returns, mask, lam=lam, group_size=group_size)
         adv = torch.where(mask, returns - base, zero)
     sparse = -(c[:, None] * torch.where(mask, logp, zero) * adv).sum()
-
-    grad_norms = None
-    if parameters is not None:
-        grad_norms = _part_grad_norms(dense, sparse, list(parameters))
     return HybridLossOutput(
         loss=dense + sparse,
         dense=dense,
@@ -186,7 +219,6 @@ def hybrid_loss(
         baseline=torch.where(mask, base, zero),
         advantages=adv,
         token_weights=c.detach(),
-        grad_norms=grad_norms,
     )
 
 

@@ -159,7 +159,7 @@ def _quiet_progress():
             hf_logging.enable_progress_bar()
 
 
-def save_checkpoint(model: PreTrainedModel, tokenizer, out_dir: str | Path, meta: dict | None = None) -> Path:
+def save_model_dir(model: PreTrainedModel, tokenizer, out_dir: str | Path, meta: dict | None = None) -> Path:
     """Write model.safetensors + config.json + tokenizer files (+ meta.json) into `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -171,8 +171,8 @@ def save_checkpoint(model: PreTrainedModel, tokenizer, out_dir: str | Path, meta
     return out
 
 
-def load_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
-    """(model, tokenizer) from a folder written by `save_checkpoint`; safetensors only, never unpickles."""
+def load_model_dir(path: str | Path, device: torch.device | str = "cpu"):
+    """(model, tokenizer) from a folder written by `save_model_dir`; safetensors only, never unpickles."""
     p = Path(path)
     if not (p / "model.safetensors").exists():
         raise FileNotFoundError(f"no model.safetensors in {p} (checkpoints must be safetensors)")

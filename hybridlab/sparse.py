@@ -47,7 +47,7 @@ def selected_logprobs(
     Rows where `mask` ([...] bool) is False give 0 and no gradient, whatever their logits hold.
     """
     check_tensor("logits", logits)
-    check_actions(actions, logits, mask)
+    check_actions(actions, logits.shape[:-1], logits.shape[-1], logits.device, mask)
     v = logits.shape[-1]
     active = None if mask is None else mask.reshape(-1)
     out = _SelectedLogprob.apply(

@@ -12,9 +12,9 @@ from hybridlab.models import (
     build_tokenizer,
     decode_responses,
     encode_prompts,
-    load_checkpoint,
+    load_model_dir,
     model_config,
-    save_checkpoint,
+    save_model_dir,
 )
 from hybridlab.tasks import CHARS
 
@@ -90,10 +90,10 @@ def test_model_config_errors():
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_checkpoint_round_trip_is_safetensors(arch, tok, tmp_path):
     model = build_model(arch, "tiny", vocab_size=len(tok), seed=3)
-    save_checkpoint(model, tok, tmp_path / "ck", meta={"note": "x"})
+    save_model_dir(model, tok, tmp_path / "ck", meta={"note": "x"})
     files = {p.name for p in (tmp_path / "ck").iterdir()}
     assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
-    loaded, tok2 = load_checkpoint(tmp_path / "ck")
+    loaded, tok2 = load_model_dir(tmp_path / "ck")
     ids = encode_prompts(tok2, ["123=", "9+9="])
     with torch.no_grad():
         torch.testing.assert_close(model(**ids).logits, loaded(**ids).logits, rtol=0, atol=1e-6)
@@ -105,4 +105,4 @@ def test_load_refuses_non_safetensors(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     torch.save({"w": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
     with pytest.raises(FileNotFoundError, match="safetensors"):
-        load_checkpoint(tmp_path)
+        load_model_dir(tmp_path)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hybridlab import dense_kl, hybrid_loss
-from hybridlab.models import build_model, build_tokenizer, load_checkpoint, load_meta
+from hybridlab.models import build_model, build_tokenizer, load_meta, load_model_dir
 from hybridlab.scripts.compare import format_table, summarize
 from hybridlab.tasks import DATA_DIR, make_splits
 from hybridlab.trainer import (
@@ -179,7 +179,7 @@ def test_resume_reproduces_an_uninterrupted_run(tok, tmp_path):
 
 def test_dense_only_reduces_kl_on_a_fixed_batch(tok):
     """The trainer's dense-only loss is a descent direction: repeated updates on one rollout shrink its KL."""
-    teacher, _ = load_checkpoint(TEACHER)
+    teacher, _ = load_model_dir(TEACHER)
     tr = _trainer("dense_only", tok, teacher=teacher, batch_prompts=4, lr=1e-2)
     ro = tr.rollout(tr.next_prompts())
     kls = []
@@ -224,7 +224,7 @@ def test_shipped_teacher_loads_and_reaches_documented_accuracy():
     assert meta["task"] == "reverse" and meta["role"] == "teacher"
     assert f"**{meta['eval_greedy_acc']:.3f}**" in (TEACHER / "TRAINING.md").read_text()
     assert sum(f.stat().st_size for f in TEACHER.iterdir()) < 3_000_000
-    model, tok = load_checkpoint(TEACHER)
+    model, tok = load_model_dir(TEACHER)
     splits = make_splits("reverse", meta["n_train"], meta["eval_prompts"], seed=meta["data_seed"])
     prompts = [r["prompt"] for r in splits["eval"]]
     greedy = sample(model, tok, "reverse", prompts, greedy=True, max_new_tokens=8)
@@ -236,7 +236,7 @@ def test_shipped_teacher_loads_and_reaches_documented_accuracy():
 def test_shipped_student_init_is_weaker_than_teacher():
     s, t = load_meta(DATA_DIR / "student_reverse"), load_meta(TEACHER)
     assert s["eval_sampled_reward"] < t["eval_sampled_reward"]
-    model, _ = load_checkpoint(DATA_DIR / "student_reverse")
+    model, _ = load_model_dir(DATA_DIR / "student_reverse")
     assert model.config.vocab_size == json.loads((TEACHER / "config.json").read_text())["vocab_size"]
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..models import load_checkpoint, load_meta
+from ..models import load_meta, load_model_dir
 from ..tasks import DATA_DIR, TASKS, make_splits
 from ..trainer import METHODS, HybridTrainer, TrainerConfig, samples_to_threshold
 
@@ -35,8 +35,8 @@ REWARD_KEY = "eval_reward"
 
 def run_one(task: str, method: str, seed: int, args: argparse.Namespace, splits: dict) -> dict:
     """Train one (method, seed) from the shipped student toward the shipped teacher; returns its record."""
-    teacher, tok = load_checkpoint(args.teacher)
-    student, _ = load_checkpoint(args.student)
+    teacher, tok = load_model_dir(args.teacher)
+    student, _ = load_model_dir(args.student)
     cfg = TrainerConfig.for_method(
         method,
         lam=args.lam,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..models import build_model, build_tokenizer, count_parameters, save_checkpoint
+from ..models import build_model, build_tokenizer, count_parameters, save_model_dir
 from ..tasks import TASKS, make_splits
 from ..trainer import response_logits, sample, seeded, sft_loss, teacher_forcing_rollout
 
@@ -141,7 +141,7 @@ def main(argv=None) -> dict:
         "command": cmd,
         "curve": curve,
     }
-    out = save_checkpoint(model, tok, args.out, meta)
+    out = save_model_dir(model, tok, args.out, meta)
     write_training_md(Path(out), meta)
     print(json.dumps({k: v for k, v in meta.items() if k != "curve"}, indent=1))
     return meta

@@ -1,0 +1,244 @@
+"""`fused_hybrid_loss`: `hybrid_loss` from the student's last hidden states and LM head, no [N, V] student logits.
+
+    dense  = beta * sum_b c_b sum_t KL_t            KL from `fused_linear_dense_kl` (chunked, closed-form grads)
+    sparse = -sum_b c_b sum_t log pi(y_t|s_t) A_t    log pi from `fused_linear_logprobs` (chunked, below)
+
+The two terms do not share one pass over the vocabulary: the sparse term's upstream gradient -c_b A_t depends,
+through the analytic future KL, on the KL of *later* rows, which a chunk does not know when it is computed. So
+the KL (with its gradient precomputed for the known row weights beta * c_b) and the sampled-token log-probs are
+two chunked passes. Per chunk of C rows the vocabulary-wide memory is one [C, V] logits buffer (plus the
+teacher's chunk and an fp32 [C, V] workspace); nothing of size [N, V] exists on the student side.
+
+Cost in LM-head matmuls ([N, H] x [H, V]): the dense pass does 3 (logits, then dL/dh and dL/dW in forward),
+the log-prob pass 1 in forward and 3 in backward (it recomputes the logits): 7, against 3 for materialised
+logits (one forward, two backward). A single pass computing both terms' gradients in backward, once every
+upstream gradient is known, would need 4; it is not implemented here.
+
+`hybrid_loss` is the reference: the same inputs through materialised logits give the same loss and gradients
+(tests/test_train.py checks it). Everything here is torch only (plus the Triton kernel through
+`fused_linear_dense_kl` when backend resolves to "triton").
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import check_actions, check_float, check_mask, check_temperature, shape_of
+from .fused_linear import DEFAULT_CHUNK, _accumulate_mm, fused_linear_dense_kl
+from .hybrid import HybridLossOutput, _normalizer, assemble, check_batch
+
+
+def _cdt(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _chunks(n: int, active: torch.Tensor | None, chunk: int):
+    rows_all = None if active is None else active.nonzero().squeeze(1)
+    n_rows = n if rows_all is None else rows_all.numel()
+    for start in range(0, n_rows, chunk):
+        stop = min(start + chunk, n_rows)
+        yield slice(start, stop) if rows_all is None else rows_all[start:stop]
+
+
+class _FusedLinearLogprob(torch.autograd.Function):
+    """log softmax((h W^T + b) / tau)[a] per row, chunked; backward recomputes each chunk's logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, actions, active, tau, chunk):
+        n = hidden.shape[0]
+        cdt = _cdt(hidden)
+        logp = torch.zeros(n, dtype=cdt, device=hidden.device)
+        lse = torch.zeros(n, dtype=cdt, device=hidden.device)
+        for rows in _chunks(n, active, chunk):
+            logits = hidden[rows] @ weight.t()
+            if bias is not None:
+                logits += bias
+            z = logits.to(cdt).div_(tau)
+            lse_c = torch.logsumexp(z, dim=-1)
+            if not torch.isfinite(lse_c).all():
+                raise ValueError(
+                    f"student logits (hidden {shape_of(hidden)} @ weight {shape_of(weight)}.T) are not finite "
+                    "on some rows (NaN or inf in the hidden states or the LM head)"
+                )
+            lse[rows] = lse_c
+            logp[rows] = z.gather(1, actions[rows][:, None])[:, 0] - lse_c
+        ctx.save_for_backward(hidden, weight, bias, actions, active, lse)
+        ctx.tau, ctx.chunk = tau, chunk
+        return logp
+
+    @staticmethod
+    def backward(ctx, g):
+        hidden, weight, bias, actions, active, lse = ctx.saved_tensors
+        tau, chunk = ctx.tau, ctx.chunk
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        cdt = _cdt(hidden)
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        gh = torch.zeros_like(hidden) if need_h else None
+        gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        gb = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        g = g.to(cdt)
+        for rows in _chunks(hidden.shape[0], active, chunk):
+            h_c = hidden[rows]
+            logits = h_c @ weight.t()
+            if bias is not None:
+                logits += bias
+            g_c = g[rows] / tau
+            # d log p(a) / dz = (onehot(a) - p) / tau, scaled by the upstream gradient; one fp32 [C, V] buffer.
+            grad = logits.to(cdt).div_(tau).sub_(lse[rows][:, None]).exp_().mul_(-g_c[:, None])
+            grad.scatter_add_(1, actions[rows][:, None], g_c[:, None])
+            grad = grad.to(hidden.dtype)
+            if need_h:
+                gh[rows] = grad @ weight
+            if need_w:
+                _accumulate_mm(gw, grad.t(), h_c)
+            if need_b:
+                gb += grad.sum(0, dtype=acc)
+        return (
+            gh,
+            None if gw is None else gw.to(weight.dtype),
+            None if gb is None else gb.to(bias.dtype),
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def fused_linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    actions: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    """log softmax((hidden @ weight.T + bias) / tau)[actions] without the [N, V] logits.
+
+    Shapes: hidden [..., H], weight [V, H], actions [...] long, mask [...] bool -> [...] fp32 (fp64 for fp64
+    inputs), 0 on masked rows. Differentiable w.r.t. hidden, weight and bias (fp32-accumulated weight gradient).
+    """
+    check_float("hidden", hidden)
+    check_float("weight", weight)
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or hidden.dtype != weight.dtype:
+        raise ValueError(
+            f"hidden {shape_of(hidden)} {hidden.dtype} and weight {shape_of(weight)} {weight.dtype} must be "
+            "[..., H] and [V, H] of one dtype"
+        )
+    batch = hidden.shape[:-1]
+    v = weight.shape[0]
+    check_mask(mask, batch, "hidden", hidden.device)
+    check_actions(actions, batch, v, hidden.device, mask, "hidden")
+    tau = check_temperature(temperature)
+    n = batch.numel()
+    a = actions.reshape(n).clamp(0, v - 1)
+    active = None if mask is None else mask.reshape(n)
+    out = _FusedLinearLogprob.apply(hidden.reshape(n, -1), weight, bias, a, active, tau, int(chunk_size))
+    return out.reshape(batch)
+
+
+@torch.no_grad()
+def teacher_selected_logprobs(
+    teacher,
+    actions: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    teacher_floor: float | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    """log softmax(teacher)[actions] for teacher logits [..., V] or (hidden [..., H'], weight [V, H'][, bias]).
+
+    Chunked over rows: never more than a [C, V] fp32 buffer. Returns [...] fp32 (fp64 for an fp64 teacher), 0 on masked rows.
+    """
+    if isinstance(teacher, tuple):
+        th, tw = teacher[:2]
+        tb = teacher[2] if len(teacher) == 3 else None
+        batch, v = th.shape[:-1], tw.shape[0]
+        flat = th.reshape(batch.numel(), -1)
+        cdt = _cdt(th)
+
+        def logits_of(rows):
+            z = flat[rows] @ tw.t()
+            return z + tb if tb is not None else z
+    else:
+        batch, v = teacher.shape[:-1], teacher.shape[-1]
+        flat = teacher.reshape(batch.numel(), v)
+        cdt = _cdt(teacher)
+
+        def logits_of(rows):
+            return flat[rows]
+
+    n = batch.numel()
+    a = actions.reshape(n).clamp(0, v - 1)
+    active = None if mask is None else mask.reshape(n)
+    out = torch.zeros(n, dtype=cdt, device=actions.device)
+    for rows in _chunks(n, active, chunk_size):
+        logq = torch.log_softmax(logits_of(rows).to(cdt), dim=-1).gather(1, a[rows][:, None])[:, 0]
+        out[rows] = logq if teacher_floor is None else logq.clamp_min(teacher_floor)
+    return out.reshape(batch)
+
+
+def fused_hybrid_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    teacher,
+    actions: torch.Tensor,
+    rewards: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    beta: float = 1.0,
+    lam: float = 1.0,
+    future: str = "analytic",
+    gamma: float = 1.0,
+    baseline: str | torch.Tensor = "none",
+    group_size: int | None = None,
+    temperature: float = 1.0,
+    normalize: str | float = "sequences",
+    seq_weights: torch.Tensor | None = None,
+    backend: str = "auto",
+    teacher_floor: float | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> HybridLossOutput:
+    """`hybrid_loss` with the student given as hidden states [B, T, H] and LM head weight [V, H] (+ bias [V]).
+
+    `teacher` is teacher logits [B, T, V] or (teacher_hidden [B, T, H'], teacher_weight [V, H'][, bias [V]])
+    (then neither side's [B, T, V] logits exist). All other arguments and the returned `HybridLossOutput` are
+    those of `hybrid_loss` (`logratio` is filled only when `future` is "k1" or "k3", else zeros: it needs an
+    extra pass over the teacher's vocabulary; `grad_norms` is None).
+    """
+    check_float("hidden", hidden)
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be [B, T, H], got {shape_of(hidden)}")
+    b, t, _ = hidden.shape
+    v = weight.shape[0]
+    mask = check_batch(
+        b, t, v, hidden.device, actions, rewards, mask, seq_weights, baseline, future, gamma, "hidden"
+    )
+    tau = check_temperature(temperature)
+    dtype = _cdt(hidden)
+    c = _normalizer(normalize, mask, seq_weights, dtype)  # [B]
+    zero = torch.zeros((), dtype=dtype, device=hidden.device)
+    row_w = torch.where(mask, c[:, None].expand(b, t), zero).detach()
+
+    kl = fused_linear_dense_kl(
+        hidden, weight, teacher, temperature=tau, mask=mask, chunk_size=chunk_size, bias=bias,
+        row_weights=row_w, teacher_floor=teacher_floor, backend=backend,
+    )  # fmt: skip
+    logp = fused_linear_logprobs(
+        hidden, weight, actions, temperature=tau, mask=mask, bias=bias, chunk_size=chunk_size
+    )
+    kl, logp = kl.to(dtype), logp.to(dtype)
+    t_logp = None
+    if future in ("k1", "k3"):  # an extra pass over the teacher's vocabulary, only when needed
+        with torch.no_grad():
+            t_logp = teacher_selected_logprobs(
+                teacher, actions, mask=mask, teacher_floor=teacher_floor, chunk_size=chunk_size
+            ).to(dtype)
+    return assemble(kl, logp, t_logp, rewards, mask, c, beta=beta, lam=lam, future=future, gamma=gamma,
+                    baseline=baseline, group_size=group_size)  # fmt: skip
+
+
+__all__ = ["fused_hybrid_loss", "fused_linear_logprobs", "teacher_selected_logprobs"]

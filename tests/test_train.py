@@ -1,0 +1,379 @@
+"""`hybridlab.train`: config parsing and errors, rewards, vocabulary checks, an end-to-end smoke run, resume,
+and the fused-linear path against materialised logits. Tiny random Llama / Qwen2 models, built locally."""
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from hybridlab.memory import fused_bytes, logits_memory_table, materialised_bytes, saved_tensor_bytes
+from hybridlab.rewards import call_reward, exact_match, load_reward
+from hybridlab.scripts.make_tiny_models import make_tiny_models
+from hybridlab.train import (
+    PromptOrder,
+    TrainConfig,
+    Trainer,
+    load_config,
+    load_prompts,
+    main,
+    make_scheduler,
+    parse_overrides,
+    response_mask,
+)
+from hybridlab.trainer import response_logits
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_models")
+    return make_tiny_models(root, ("llama", "qwen2"), hidden=32, layers=1, n_prompts=32)
+
+
+def _cfg(tiny, tmp_path, arch="llama", **kw) -> TrainConfig:
+    base = dict(
+        student=str(tiny[arch]["student"]), teacher=str(tiny[arch]["teacher"]), tokenizer=str(tiny["tokenizer"]["path"]),
+        prompts=str(tiny["prompts"]["path"]), reward="hybridlab.rewards:reverse", lr=3e-3, warmup_steps=2,
+        steps=4, prompts_per_step=4, samples_per_prompt=2, max_new_tokens=6, grad_accum=2, bf16=False,
+        dense_backend="torch", output_dir=str(tmp_path / "run"), progress=False, cpu=True, cpu_threads=1, seed=0,
+    )  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base).validate()
+
+
+# ------------------------------------------------------------------------------------------ config
+def test_config_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(
+        yaml.safe_dump({"student": "s", "teacher": "t", "prompts": "p.jsonl", "lr": 1e-4, "steps": 7})
+    )
+    cfg = load_config(p, ["lr=1e-5", "bf16=false", "teacher_floor=-30", "normalize=2", "output_dir=runs/x"])
+    assert cfg.lr == 1e-5 and isinstance(cfg.lr, float)  # YAML 1.1 reads "1e-5" as a string: coerced
+    assert cfg.bf16 is False and cfg.teacher_floor == -30.0 and cfg.steps == 7
+    assert cfg.normalize == 2.0 and isinstance(cfg.normalize, float)
+    assert load_config(p, ["normalize=tokens", "teacher_floor=null"]).normalize == "tokens"
+    assert load_config(p, ["teacher_floor=null"]).teacher_floor is None
+    assert parse_overrides(["reward=my.mod:fn", "max_prompt_tokens=512"]) == {
+        "reward": "my.mod:fn",
+        "max_prompt_tokens": 512,
+    }
+    # the shipped configs parse
+    for name in ("tiny_cpu", "example_gpu"):
+        c = load_config(f"configs/{name}.yaml")
+        assert c.steps > 0 and c.reward
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["lamda=0.5"], ["lamda", "did you mean", "'lam'"]),
+        (["gamma=1.5"], ["gamma", "1.5"]),
+        (["future=k2"], ["future", "'k2'", "analytic"]),
+        (["normalize=mean"], ["normalize", "'mean'"]),
+        (["normalize=-1"], ["normalize", "-1"]),
+        (["lr=fast"], ["lr", "'fast'", "number"]),
+        (["bf16=maybe"], ["bf16", "maybe"]),
+        (["steps=0"], ["steps", "0"]),
+        (["steps=2.5"], ["steps", "2.5", "integer"]),
+        (["samples_per_prompt=1"], ["samples_per_prompt", "return_group"]),
+        (["grad_accum=3"], ["prompts_per_step=8", "grad_accum=3"]),
+        (["group_size=3"], ["group_size=3", "samples_per_prompt=4"]),
+        (["temperature=0"], ["temperature", "0"]),
+        (["teacher_floor=5"], ["teacher_floor", "5"]),
+        (["student="], ["student"]),
+        (["lr"], ["key=value"]),
+    ],
+)
+def test_config_bad_values_name_the_key(tmp_path, overrides, words):
+    p = tmp_path / "c.yaml"
+    p.write_text("student: s\nteacher: t\nprompts: p.jsonl\n")
+    with pytest.raises(ValueError) as e:
+        load_config(p, overrides)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    p = tmp_path / "list.yaml"
+    p.write_text("- a\n- b\n")
+    with pytest.raises(ValueError, match="mapping"):
+        load_config(p)
+
+
+def test_prompts_file_errors(tmp_path):
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"prompt": "12=", "answer": "21"}\n\n{"prompt": "3="}\n')
+    assert load_prompts(p) == [{"prompt": "12=", "answer": "21"}, {"prompt": "3=", "answer": None}]
+    p.write_text('{"prompt": "12="}\n{"prompt": 5}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:2"):
+        load_prompts(p)
+    p.write_text('{"prompt": "12="}\nnot json\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:2: not valid JSON"):
+        load_prompts(p)
+
+
+def test_schedule_order_and_mask():
+    cfg = TrainConfig(
+        student="s", teacher="t", prompts="p", lr=1.0, steps=10, warmup_steps=2, min_lr_ratio=0.1
+    )
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_scheduler(opt, cfg)
+    lrs = []
+    for _ in range(10):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[:3] == [0.5, 1.0, 1.0] and lrs[-1] == pytest.approx(
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 8))
+    )
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))  # monotone decay after warmup
+    o1, o2 = PromptOrder(5, seed=3), PromptOrder(5, seed=3)
+    first = o1.take(7)
+    assert sorted(first[:5]) == list(range(5))  # an epoch is a permutation
+    o2.load_state_dict({"n": 5, "seed": 3, "consumed": 4})
+    assert o2.take(3) == first[4:7]
+    with pytest.raises(ValueError, match="same prompts file and seed"):
+        o2.load_state_dict({"n": 6, "seed": 3, "consumed": 0})
+    toks = torch.tensor([[5, 2, 7, 7], [5, 6, 7, 8], [2, 0, 0, 0]])
+    assert response_mask(toks, [2]).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+
+
+# ----------------------------------------------------------------------------------------- rewards
+def test_reward_dotted_paths_and_errors():
+    assert load_reward("hybridlab.rewards:exact_match") is exact_match
+    assert load_reward("hybridlab.rewards.exact_match") is exact_match
+    rev = load_reward("hybridlab.rewards:reverse")
+    assert rev(["123=", "45="], ["321", "45"], [None, None]) == [1.0, 0.0]
+    assert load_reward("hybridlab.rewards:add_partial")(["1+2="], ["3"], [None]) == [1.0]
+    assert exact_match(["q"], [" 42 "], ["42"]) == [1.0]
+    with pytest.raises(ValueError, match="needs an 'answer'"):
+        exact_match(["q"], ["42"], [None])
+    for spec, msg in [
+        ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
+        ("hybridlab.rewards:nope", "has no attribute 'nope'"),
+        ("hybridlab.rewards:__doc__", "not a callable"),
+        ("exact_match", "module:function"),
+        ("", "dotted path"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            load_reward(spec)
+    with pytest.raises(ValueError, match="returned 1 values for 2 responses"):
+        call_reward(lambda p, r, a: [1.0], ["a", "b"], ["x", "y"], [None, None])
+    with pytest.raises(ValueError, match="NaN or inf"):
+        call_reward(lambda p, r, a: [float("nan")], ["a"], ["x"], [None])
+
+
+# ------------------------------------------------------------------------------------ vocabularies
+def test_vocab_mismatch_is_a_clear_error(tiny, tmp_path):
+    from hybridlab.models import build_tokenizer, save_model_dir
+    from hybridlab.scripts.make_tiny_models import make_model
+
+    v = len(build_tokenizer())
+    small = save_model_dir(make_model("llama", v - 3, 0), build_tokenizer(), tmp_path / "small_teacher")
+    with pytest.raises(ValueError) as e:
+        Trainer(_cfg(tiny, tmp_path, teacher=str(small)))
+    msg = str(e.value)
+    assert f"vocab_size={v}" in msg and f"vocab_size={v - 3}" in msg
+    assert str(tiny["llama"]["student"]) in msg and str(small) in msg
+
+
+def test_missing_model_folder_is_named(tiny, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no_such_student"):
+        Trainer(_cfg(tiny, tmp_path, student=str(tmp_path / "no_such_student")))
+
+
+def test_padded_teacher_is_sliced(tiny, tmp_path):
+    padded = make_tiny_models(
+        tmp_path / "padded", ("llama",), hidden=32, layers=1, n_prompts=8, teacher_vocab_pad=5
+    )
+    cfg = _cfg(tiny, tmp_path, teacher=str(padded["llama"]["teacher"]), steps=1)
+    tr = Trainer(cfg)
+    assert tr.teacher.get_output_embeddings().weight.shape[0] == tr.vocab + 5
+    m = tr.train_step()
+    assert math.isfinite(m["loss"]) and m["kl"] > 0
+
+
+# ------------------------------------------------------------------------------------ end to end
+def test_smoke_run_writes_metrics_checkpoints_and_model(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = _cfg(tiny, tmp_path, arch="qwen2", checkpoint_every=2, steps=4)
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({k: v for k, v in cfg.__dict__.items()}))
+    summary = main(["--config", str(p), "tensorboard=true"])  # the CLI, in-process
+    run = tmp_path / "run"
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        for k in ("loss", "dense", "sparse", "kl", "reward", "grad_norm", "lr", "tokens", "tokens_per_s"):
+            assert math.isfinite(r[k]), (k, r)
+        assert r["kl"] > 0 and r["tokens"] > 0
+    assert rows[0]["lr"] < rows[1]["lr"]  # warmup
+    assert sorted(d.name for d in (run / "checkpoints").glob("step-*")) == ["step-00000002", "step-00000004"]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4 == summary["steps"]
+    assert summary["complete"] and summary["tokens_per_s"] > 0
+    assert load_config(run / "config.yaml").student == cfg.student
+    final = AutoModelForCausalLM.from_pretrained(run / "final", use_safetensors=True)
+    assert final.config.model_type == "qwen2"
+    with pytest.raises(ValueError, match="already has checkpoints"):  # never silently overwrites a run
+        main(["--config", str(p)])
+
+
+def test_resume_continues_to_the_same_result(tiny, tmp_path):
+    straight, s1 = _run(tiny, tmp_path / "a", steps=4, checkpoint_every=2)
+    params_2 = None
+    interrupted, s2 = _run(tiny, tmp_path / "b", steps=4, stop_after=2)
+    assert not s2["complete"] and s2["steps"] == 2 and s2["final_model"] is None
+    params_2 = {k: v.clone() for k, v in interrupted.model.state_dict().items()}
+    resumed, s3 = _run(tiny, tmp_path / "b", steps=4, resume=True)
+    assert s3["steps"] == 4 and s3["steps_this_run"] == 2 and s3["complete"]
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical on CPU
+    assert any(not torch.equal(a[k], params_2[k]) for k in a)  # and steps 3-4 did change the weights
+    strip = lambda rs: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rs]  # drop timings
+    ma = strip(json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines())
+    mb = strip(json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines())
+    assert ma == mb and len(ma) == 4
+
+
+def _run(tiny, out, resume=False, **kw):
+    from hybridlab.train import run
+
+    cfg = _cfg(tiny, out, output_dir=str(out), **kw)
+    return run(cfg, resume=resume)
+
+
+# --------------------------------------------------------------------------- fused vs materialised
+@pytest.mark.parametrize("arch, future", [("llama", "analytic"), ("qwen2", "k3")])
+def test_fused_linear_matches_materialised_gradients(tiny, tmp_path, arch, future):
+    ref = Trainer(_cfg(tiny, tmp_path, arch=arch, future=future, fused_linear=False))
+    ros = ref.generate()
+    # alignment: row t of the teacher's logits produced response token t (trainer.response_logits convention)
+    assert torch.allclose(ref.teacher_inputs(ros[0]), response_logits(ref.teacher, ros[0]), atol=1e-6)
+    m_ref = ref.train_step(rollouts=ros)
+    fused = Trainer(_cfg(tiny, tmp_path, arch=arch, future=future, fused_linear=True, fused_chunk=5))
+    m_fused = fused.train_step(rollouts=ros)
+    assert m_fused["loss"] == pytest.approx(m_ref["loss"], rel=1e-5, abs=1e-6)
+    assert m_fused["kl"] == pytest.approx(m_ref["kl"], rel=1e-5)
+    ga = {n: p.grad for n, p in ref.model.named_parameters()}
+    gb = {n: p.grad for n, p in fused.model.named_parameters()}
+    scale = max(float(g.abs().max()) for g in ga.values())
+    assert scale > 0
+    for n in ga:
+        assert torch.allclose(ga[n], gb[n], rtol=1e-4, atol=1e-5 * scale), n
+
+
+# ------------------------------------------------------------------------------------------ memory
+def test_memory_table_and_saved_bytes():
+    n, v, h = 8192, 152064, 3584
+    rows = {r["what"]: r for r in logits_memory_table(n, v, h)}
+    assert rows["one [N, V] tensor, bf16"]["bytes"] == n * v * 2
+    assert rows["one [N, V] tensor, fp32"]["bytes"] == n * v * 4
+    mat = sum(materialised_bytes(n, v).values())
+    assert mat == 3 * n * v * 2  # logits, their gradient, teacher logits (bf16)
+    fus = sum(fused_bytes(n, v, h).values())
+    assert fus < mat and fus == sum(fused_bytes(4 * n, v, h).values())  # independent of N
+    # measured: bytes autograd keeps for backward at a small size (the fused path keeps no [N, V] buffer)
+    from hybridlab.fused_hybrid import fused_hybrid_loss
+    from hybridlab.hybrid import hybrid_loss
+
+    torch.manual_seed(0)
+    b, t, hd, vv = 4, 32, 16, 2048
+    hid = torch.randn(b, t, hd, requires_grad=True)
+    w = torch.randn(vv, hd, requires_grad=True)
+    teacher = (torch.randn(b, t, hd), torch.randn(vv, hd))
+    a, r = torch.randint(0, vv, (b, t)), torch.rand(b)
+    kw = {"baseline": "return_group", "group_size": 2, "backend": "torch"}
+    mat_saved, _ = saved_tensor_bytes(
+        lambda: hybrid_loss(hid @ w.t(), teacher[0] @ teacher[1].t(), a, r, **kw), exclude=[hid, w, *teacher]
+    )
+    fus_saved, _ = saved_tensor_bytes(
+        lambda: fused_hybrid_loss(hid, w, teacher, a, r, chunk_size=16, **kw), exclude=[hid, w, *teacher]
+    )
+    nv = b * t * vv * 4
+    assert mat_saved >= 2 * nv  # logits + the closed-form gradient buffer, fp32
+    assert fus_saved < nv / 50  # per-row statistics only
+
+
+def test_teacher_with_another_tokenizer_is_refused(tiny, tmp_path):
+    from hybridlab.models import build_tokenizer
+
+    other = tmp_path / "teacher_other_tok"
+    import shutil
+
+    shutil.copytree(tiny["llama"]["teacher"], other)
+    build_tokenizer("9876543210+=").save_pretrained(other)  # same size, different ids
+    with pytest.raises(ValueError, match="tokenizer mismatch") as e:
+        Trainer(_cfg(tiny, tmp_path, teacher=str(other)))
+    assert str(other) in str(e.value)
+
+
+def test_sampling_ignores_the_models_generation_defaults(tiny, tmp_path):
+    """A model folder's generation_config.json (top_k, repetition penalty...) must not reshape the rollout
+    distribution away from softmax(z / tau), the policy the loss differentiates."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    student = tmp_path / "student_with_defaults"
+    shutil.copytree(tiny["llama"]["student"], student)
+    GenerationConfig(
+        do_sample=True, top_k=3, top_p=0.5, repetition_penalty=2.0, eos_token_id=2
+    ).save_pretrained(student)
+    tr = Trainer(_cfg(tiny, tmp_path, student=str(student), temperature=0.7))
+    gc, _ = tr.model._prepare_generation_config(tr.gen_config)
+    assert (gc.do_sample, gc.temperature, gc.top_k, gc.top_p, gc.repetition_penalty) == (
+        True,
+        0.7,
+        0,
+        1.0,
+        1.0,
+    )
+    assert tr.train_step()["tokens"] > 0
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny, tmp_path):
+    ref = Trainer(_cfg(tiny, tmp_path))
+    ros = ref.generate()
+    ref.train_step(rollouts=ros)
+    gc = Trainer(_cfg(tiny, tmp_path, gradient_checkpointing=True))
+    flag = (
+        "is_activation_checkpointing"
+        if hasattr(gc.model, "is_activation_checkpointing")
+        else "is_gradient_checkpointing"
+    )
+    assert getattr(gc.model, flag) and not getattr(ref.model, flag)
+    gc.train_step(rollouts=ros)
+    for (n, a), (_, b) in zip(ref.model.named_parameters(), gc.model.named_parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), n
+
+
+def test_bf16_autocast_paths(tiny, tmp_path):
+    """The CUDA bf16 set-up (fp32 master weights under bf16 autocast, bf16 teacher), run on CPU autocast: both
+    loss paths run, cast consistently, and agree to bf16 precision."""
+    tr = Trainer(_cfg(tiny, tmp_path))
+    ros = tr.generate()
+    tr.teacher.to(torch.bfloat16)
+    grads = {}
+    for fused in (False, True):
+        tr.cfg.fused_linear = fused
+        tr.optimizer.zero_grad(set_to_none=True)
+        for ro in ros:
+            c = tr._coefficients(ro, 8.0, 1.0)
+            t_in = tr.teacher_inputs(ro)
+            assert (t_in[0] if fused else t_in).dtype == torch.bfloat16
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = tr.policy(
+                    mode="loss", input_ids=ro.input_ids, attention_mask=ro.attention_mask,
+                    position_ids=ro.position_ids, prompt_len=ro.prompt_len, actions=ro.actions, mask=ro.mask,
+                    rewards=ro.rewards, seq_weights=c, teacher=t_in, loss_kw=tr.loss_kw, fused=fused, chunk=7,
+                )  # fmt: skip
+            out["loss"].backward()
+        grads[fused] = {n: p.grad.clone() for n, p in tr.model.named_parameters()}
+        assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads[fused].values())
+    flat = [torch.cat([g.flatten() for g in grads[f].values()]) for f in (False, True)]
+    cos = torch.nn.functional.cosine_similarity(flat[0], flat[1], dim=0)
+    assert cos > 0.99 and (flat[0] - flat[1]).norm() < 0.1 * flat[0].norm()
