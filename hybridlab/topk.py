@@ -197,27 +197,29 @@ def check_topk_teacher(
             raise ValueError(f"device mismatch: {name} on {x.device}, {student_desc} on {device}")
     check_mask(mask, batch_shape, "student_logits", device)
     ids = ids.to(torch.int64)
-    if ids.numel():
-        lo, hi = int(ids.min()), int(ids.max())
+    # Values are checked on counted rows only: padded positions may hold any placeholder ids/log-probs.
+    ids_c, lq_c = (ids, lq) if mask is None else (ids[mask], lq[mask])
+    if ids_c.numel():
+        lo, hi = int(ids_c.min()), int(ids_c.max())
         if lo < 0 or hi >= v:
             raise ValueError(
                 f"teacher_topk_ids {shape_of(ids)} out of range: values in [{lo}, {hi}] but {student_desc} "
                 f"has V={v} (ids must lie in [0, {v - 1}])"
             )
-        srt = ids.sort(dim=-1).values
+        srt = ids_c.sort(dim=-1).values
         if k > 1 and (srt[..., 1:] == srt[..., :-1]).any():
             raise ValueError(
                 f"teacher_topk_ids {shape_of(ids)} has a repeated id within a row (ids must be distinct)"
             )
-    if torch.isnan(lq).any():
+    if torch.isnan(lq_c).any():
         raise ValueError(f"teacher_topk_logprobs {shape_of(lq)} contains NaN")
-    if (lq > 1e-6).any():
+    if (lq_c > 1e-6).any():
         raise ValueError(
-            f"teacher_topk_logprobs {shape_of(lq)} has values > 0 (max {float(lq.max()):.3g}): "
+            f"teacher_topk_logprobs {shape_of(lq)} has values > 0 (max {float(lq_c.max()):.3g}): "
             "pass log-probabilities (log_softmax), not logits"
         )
-    if lq.numel():
-        mass = torch.logsumexp(lq.to(torch.float64), dim=-1).exp()
+    if lq_c.numel():
+        mass = torch.logsumexp(lq_c.to(torch.float64), dim=-1).exp()
         if (mass > 1 + MASS_TOLERANCE).any():
             raise ValueError(
                 f"teacher_topk_logprobs {shape_of(lq)}: top-k probabilities sum to {float(mass.max()):.4g} > 1 "

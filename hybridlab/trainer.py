@@ -116,6 +116,8 @@ class TrainerConfig:
             )
         if self.normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
+        if self.eval_every < 1:
+            raise ValueError(f"eval_every must be >= 1 (steps between evaluations), got {self.eval_every}")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature must be positive and finite, got {self.temperature!r}")
 

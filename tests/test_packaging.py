@@ -16,14 +16,14 @@ def _name(spec: str) -> str:
 def _pyproject_specs() -> dict[str, str]:
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     specs = list(data["dependencies"]) + list(data["optional-dependencies"]["dev"])
-    return {_name(s): s.split(";")[0].replace(" ", "") for s in specs}
+    return {_name(s): s.replace(" ", "").replace('"', "'") for s in specs}
 
 
 def _environment_specs() -> dict[str, str]:
     lines = (ROOT / "environment.yml").read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if line.strip() == "- pip:")
     specs = [line.strip()[2:] for line in lines[start + 1 :] if line.strip().startswith("- ")]
-    return {_name(s): s.replace(" ", "") for s in specs}
+    return {_name(s): s.replace(" ", "").replace('"', "'") for s in specs}
 
 
 def test_environment_yml_matches_pyproject():

@@ -228,9 +228,27 @@ def test_negative_control_fine_grained_tail_gradient_is_caught():
 def test_gpu_triton_matches_torch(dtype, n, v, k):
     z, _, tk, w = _case(n, v, k, seed=13, dtype=dtype, device="cuda")
     tk = TopKTeacher(tk.logprobs.float(), tk.ids)
-    mask = torch.rand(n, device="cuda") > 0.2
+    mask = (torch.rand(n, generator=torch.Generator().manual_seed(0)) > 0.2).cuda()
     kl, grad = _run("triton", z, tk, w, 0.7, mask=mask)
     kl_t, grad_t = _run("torch", z, tk, w, 0.7, mask=mask)
     torch.testing.assert_close(kl, kl_t, rtol=1e-4, atol=1e-4)
     tol = (1e-4, 1e-5) if dtype == torch.float32 else (2e-2, 1e-4)
     torch.testing.assert_close(grad.float(), grad_t.float(), rtol=tol[0], atol=tol[1])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_placeholders_on_masked_rows_are_ignored(backend):
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(3, 50, generator=g, requires_grad=True)
+    lq = torch.log_softmax(torch.randn(3, 50, generator=g), -1)
+    lq_k, ids = lq.topk(5, dim=-1)
+    lq_k, ids = lq_k.clone(), ids.clone()
+    ids[1] = torch.tensor([0, 0, 999, -1, 3])  # padding placeholders: repeated, out of range
+    lq_k[1] = float("nan")
+    mask = torch.tensor([True, False, True])
+    kl = dense_kl_topk(z, lq_k, ids, mask=mask, backend=backend)
+    assert torch.isfinite(kl).all() and kl[1] == 0
+    kl.sum().backward()
+    assert z.grad[1].eq(0).all() and torch.isfinite(z.grad).all()
+    with pytest.raises(ValueError, match="out of range"):
+        dense_kl_topk(z, lq_k.nan_to_num(-5.0), ids)

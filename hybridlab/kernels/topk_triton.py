@@ -164,6 +164,8 @@ def topk_kl_triton_impl(
         return kl, grad
     ids = ids.contiguous()
     lq = lq.contiguous()
+    if active is not None:  # padded rows may hold placeholder ids: give them distinct in-range ones
+        ids = torch.where(active[:, None], ids, torch.arange(ids.shape[1], device=ids.device))
     bits = topk_bitmap(ids, v)
     if active is not None:
         active = active.contiguous().view(torch.int8)
