@@ -26,6 +26,7 @@ import torch
 from ._checks import check_actions, check_float, check_mask, check_temperature, shape_of
 from .fused_linear import DEFAULT_CHUNK, _accumulate_mm, fused_linear_dense_kl
 from .hybrid import HybridLossOutput, _normalizer, assemble, check_batch
+from .topk import TopKTeacher
 
 
 def _cdt(x: torch.Tensor) -> torch.dtype:
@@ -223,15 +224,20 @@ def fused_hybrid_loss(
     zero = torch.zeros((), dtype=dtype, device=hidden.device)
     row_w = torch.where(mask, c[:, None].expand(b, t), zero).detach()
 
+    # log-probs first: autograd then runs the dense node's backward first, which frees its precomputed fp32
+    # [V, H] weight gradient before the log-prob backward allocates its own.
+    logp = fused_linear_logprobs(
+        hidden, weight, actions, temperature=tau, mask=mask, bias=bias, chunk_size=chunk_size
+    )
     kl = fused_linear_dense_kl(
         hidden, weight, teacher, temperature=tau, mask=mask, chunk_size=chunk_size, bias=bias,
         row_weights=row_w, teacher_floor=teacher_floor, backend=backend,
     )  # fmt: skip
-    logp = fused_linear_logprobs(
-        hidden, weight, actions, temperature=tau, mask=mask, bias=bias, chunk_size=chunk_size
-    )
     kl, logp = kl.to(dtype), logp.to(dtype)
     t_logp = None
+    if future in ("k1", "k3") and isinstance(teacher, TopKTeacher):
+        raise ValueError(f"future={future!r} needs the teacher's full log-prob at each sampled token; a top-k "
+                         "teacher lacks it for tokens outside its top-k: use future='analytic'")  # fmt: skip
     if future in ("k1", "k3"):  # an extra pass over the teacher's vocabulary, only when needed
         with torch.no_grad():
             t_logp = teacher_selected_logprobs(

@@ -593,6 +593,27 @@ class PolicyModel(torch.nn.Module):
 
 
 # ------------------------------------------------------------------------------------------- trainer
+#: Config keys that may change between a run and its --resume without changing what it computes.
+RESUME_MAY_CHANGE = frozenset(
+    {"stop_after", "output_dir", "progress", "tensorboard", "checkpoint_every", "keep_checkpoints", "save_final",
+     "overwrite", "cpu_threads", "resume"}
+)  # fmt: skip
+
+
+def _check_same_run(saved: dict, now: dict, path) -> None:
+    """--resume continues the *same* run: refuse a checkpoint written under different settings."""
+    diff = [
+        f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
+        for k in sorted(set(saved) | set(now))
+        if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k)
+    ]
+    if saved and diff:
+        raise ValueError(
+            f"checkpoint {path} was written with other settings ({'; '.join(diff)}); resume with the same "
+            "config, or start a new output_dir"
+        )
+
+
 def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
 
@@ -650,6 +671,11 @@ class Trainer:
         acc = self.acc
         self.world, self.rank = acc.num_processes, acc.process_index
         self.fsdp = acc.distributed_type == DistributedType.FSDP
+        if acc.gradient_accumulation_steps != 1:  # acc.backward would divide the loss by it on top of ours
+            raise ValueError(
+                f"accelerate's gradient_accumulation_steps={acc.gradient_accumulation_steps}: use the config key "
+                "grad_accum instead (the loss is already normalised over the whole accumulated batch)"
+            )
         per_proc = cfg.prompts_per_step // self.world
         if cfg.prompts_per_step % self.world or per_proc % cfg.grad_accum:
             raise ValueError(
@@ -884,6 +910,13 @@ class Trainer:
         norm = acc.clip_grad_norm_(
             self.policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         )
+        if not torch.isfinite(torch.as_tensor(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(
+                f"non-finite gradient norm ({float(norm)}) at step {self.step + 1}: the update was not applied "
+                f"and nothing was saved; the last checkpoint is {latest_checkpoint(self.out)} "
+                "(lower lr, check rewards and logits, then --resume)"
+            )
         self.optimizer.step()
         self.scheduler.step()
         stats = self._sum(stats)
@@ -959,6 +992,7 @@ class Trainer:
                 f"checkpoint {path} was written {'with' if ex.get('optimizer_format') == 'fqn' else 'without'} FSDP; "
                 "resume it with the same kind of launch"
             )
+        _check_same_run(ex.get("config", {}), _plain(asdict(self.cfg)), path)
         self.order.load_state_dict(ex["data_order"])
         self.step, self.samples_seen, self.tokens_seen = (
             info["step"],

@@ -377,3 +377,24 @@ def test_bf16_autocast_paths(tiny, tmp_path):
     flat = [torch.cat([g.flatten() for g in grads[f].values()]) for f in (False, True)]
     cos = torch.nn.functional.cosine_similarity(flat[0], flat[1], dim=0)
     assert cos > 0.99 and (flat[0] - flat[1]).norm() < 0.1 * flat[0].norm()
+
+
+def test_resume_refuses_a_changed_config():
+    from hybridlab.train import _check_same_run
+
+    saved = {"lam": 1.0, "beta": 1.0, "progress": True}
+    _check_same_run(saved, {"lam": 1.0, "beta": 1.0, "progress": False}, "ck")  # display-only keys may change
+    with pytest.raises(ValueError, match=r"lam: 1.0 -> 2.0"):
+        _check_same_run(saved, {"lam": 2.0, "beta": 1.0, "progress": True}, "ck")
+
+
+def test_a_non_finite_gradient_is_refused_before_the_update(tiny, tmp_path):
+    from hybridlab.train import Trainer
+
+    tr = Trainer(_cfg(tiny, tmp_path))
+    before = [p.detach().clone() for p in tr.model.parameters()]
+    ro = tr.generate()
+    next(tr.model.parameters()).register_hook(lambda g: g * float("nan"))  # e.g. an overflow upstream
+    with pytest.raises(FloatingPointError, match="update was not applied"):
+        tr.train_step(ro)
+    assert all(torch.equal(a, p.detach()) for a, p in zip(before, tr.model.parameters()))
