@@ -55,22 +55,26 @@ class HybridLossOutput:
     grad_norms: dict[str, float] | None = None  # {"dense", "sparse", "total", "cosine"} when asked
 
 
-def _normalizer(normalize, mask: torch.Tensor, seq_weights: torch.Tensor | None, dtype) -> torch.Tensor:
+def _normalizer(
+    normalize, mask: torch.Tensor, seq_weights: torch.Tensor | None, dtype, n_seq=None, n_tok=None
+) -> torch.Tensor:
+    """c_b [B]: each sequence's token-sum multiplier. `n_seq` / `n_tok` override this batch's numbers of
+    sequences / tokens with the *global* ones when a batch is split over processes or micro-batches."""
     b = mask.shape[0]
     w = torch.ones(b, dtype=dtype, device=mask.device) if seq_weights is None else seq_weights.to(dtype)
     lengths = mask.sum(1).to(dtype)
+    n_seq = b if n_seq is None else n_seq
+    n_tok = lengths.sum().clamp_min(1.0) if n_tok is None else max(float(n_tok), 1.0)
     if isinstance(normalize, (int, float)) and not isinstance(normalize, bool):
         if not normalize > 0:
             raise ValueError(f"normalize as a constant must be > 0, got {normalize!r}")
         return w / float(normalize)
     if normalize == "sequences":  # unbiased: sum over tokens / number of sequences
-        return w / b
+        return w / n_seq
     if normalize == "tokens":  # token mean over the batch: the random denominator biases it slightly
-        return w / lengths.sum().clamp_min(1.0)
-    if (
-        normalize == "per_sequence"
-    ):  # 1/|y| per sequence: changes the objective (favours short answers' tokens)
-        return w / (b * lengths.clamp_min(1.0))
+        return w / n_tok
+    if normalize == "per_sequence":  # 1/|y| per sequence: changes the objective (favours short answers)
+        return w / (n_seq * lengths.clamp_min(1.0))
     raise ValueError(f"normalize must be one of {NORMALIZATIONS} or a positive number, got {normalize!r}")
 
 

@@ -56,12 +56,12 @@ import yaml
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .fused_hybrid import fused_hybrid_loss
-from .hybrid import NORMALIZATIONS, hybrid_loss
+from .hybrid import NORMALIZATIONS, _normalizer, hybrid_loss
 from .memory import format_memory_table, logits_memory_table  # noqa: F401  (re-exported for notebook 07)
 from .models import _quiet_progress
 from .rewards import call_reward, load_reward
 from .sparse import FUTURE_ESTIMATORS
-from .trainer import Rollout
+from .trainer import Rollout, response_logits_of
 
 log = logging.getLogger("hybridlab.train")
 
@@ -528,20 +528,6 @@ def disable_dropout(model: torch.nn.Module) -> int:
     return n
 
 
-def response_logits_of(model, inputs: dict, n: int) -> torch.Tensor:
-    """[B, n, V] logits of the last n tokens' predictions: row t produced response token t (the
-    `hybridlab.trainer.response_logits` alignment). The LM head runs only on those n positions
-    (`logits_to_keep` as an index tensor: the result is contiguous, no [B, L, V] tensor stays alive behind a
-    view); models without that argument compute every position and are sliced."""
-    length = inputs["input_ids"].shape[1]
-    keep = torch.arange(length - n - 1, length - 1, device=inputs["input_ids"].device)
-    try:
-        out = model(**inputs, use_cache=False, logits_to_keep=keep).logits
-    except TypeError:  # e.g. remote-code models without logits_to_keep
-        out = model(**inputs, use_cache=False).logits
-    return out if out.shape[1] == n else out[:, length - n - 1 : length - 1]
-
-
 class PolicyModel(torch.nn.Module):
     """The student wrapped so that everything touching its weights runs inside one `forward` (DDP / FSDP hooks
     see it): mode="generate" samples, mode="loss" computes the hybrid loss of a rollout."""
@@ -848,16 +834,7 @@ class Trainer:
 
     def _coefficients(self, ro: Rollout, n_seq: float, n_tok: float) -> torch.Tensor:
         """[B] c_b of the *global* batch (see the module docstring)."""
-        nz = self.cfg.normalize
-        b = ro.actions.shape[0]
-        ones = torch.ones(b, dtype=torch.float32, device=self.device)
-        if nz == "sequences":
-            return ones / n_seq
-        if nz == "tokens":
-            return ones / max(n_tok, 1.0)
-        if nz == "per_sequence":
-            return 1.0 / (n_seq * ro.mask.sum(1).float().clamp_min(1.0))
-        return ones / float(nz)
+        return _normalizer(self.cfg.normalize, ro.mask, None, torch.float32, n_seq=n_seq, n_tok=n_tok)
 
     # -- one update ---------------------------------------------------------------------------------
     def train_step(self, rollouts: list[Rollout] | None = None) -> dict[str, float]:

@@ -23,6 +23,7 @@ would be the rollout/training mismatch pitfall of the brief).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import random
 import time
@@ -186,17 +187,34 @@ def teacher_forcing_rollout(
     return make_rollout(tokenizer, task, prompts, tokens, enc, 1.0, reward_kind)
 
 
+def response_logits_of(model, inputs: dict, n: int) -> torch.Tensor:
+    """[B, n, V] logits of the last n tokens' predictions: row t produced response token t.
+
+    Logits at position L - n - 1 + t predict token L - n + t. The LM head runs only on those n positions
+    (`logits_to_keep` as an index tensor, so no [B, L, V] tensor stays alive behind a view); models whose
+    forward lacks that argument compute every position and are sliced.
+    """
+    length = inputs["input_ids"].shape[1]
+    keep = torch.arange(length - n - 1, length - 1, device=inputs["input_ids"].device)
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        out = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+    else:
+        out = model(**inputs, use_cache=False).logits
+    return out if out.shape[1] == n else out[:, length - n - 1 : length - 1]
+
+
 def response_logits(model, rollout: Rollout) -> torch.Tensor:
     """One forward over prompt + response; returns [B, N, V] where row t produced `rollout.actions[:, t]`.
 
-    Logits at position P - 1 + t predict token P + t, so the slice is [P - 1, P + N - 1). Explicit position
-    ids (counted from the first non-padding token) match what `generate` used for left-padded prompts.
+    Explicit position ids (counted from the first non-padding token) match what `generate` used for
+    left-padded prompts.
     """
-    p, n = rollout.prompt_len, rollout.actions.shape[1]
-    out = model(
-        input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, position_ids=rollout.position_ids
-    )
-    logits = out.logits[:, p - 1 : p + n - 1]
+    inputs = {
+        "input_ids": rollout.input_ids,
+        "attention_mask": rollout.attention_mask,
+        "position_ids": rollout.position_ids,
+    }
+    logits = response_logits_of(model, inputs, rollout.actions.shape[1])
     if logits.shape[:2] != rollout.actions.shape:
         raise RuntimeError(
             f"logits {list(logits.shape)} do not line up with actions {list(rollout.actions.shape)}"
