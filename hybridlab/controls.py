@@ -40,6 +40,7 @@ from torch import nn
 from .exact import (
     DTYPE,
     SequenceSpace,
+    enumerated_loss,
     flat_grad,
     group_estimate,
     prefix_codes,
@@ -198,21 +199,10 @@ def expected_gradient(
     one the loss uses; set it differently to model a rollout/training temperature mismatch). `loss_fn` is
     `hybrid_loss` or any control (it must accept seq_weights and normalise like `hybrid_loss`).
     """
-    t_roll = temperature if rollout_temperature is None else rollout_temperature
-    with torch.no_grad():
-        weights = sequence_probs(policy, space, t_roll)
-        teacher_logits = teacher(space.actions)
-    out = loss_fn(
-        policy(space.actions),
-        teacher_logits,
-        space.actions,
-        reward(space.actions, space.mask),
-        mask=space.mask,
-        seq_weights=weights,
-        temperature=temperature,
-        backend="torch",
-        **kwargs,
-    )
+    out = enumerated_loss(
+        policy, teacher, space, reward, temperature=temperature, rollout_temperature=rollout_temperature,
+        loss_fn=loss_fn, **kwargs,
+    )  # fmt: skip
     return -space.size * flat_grad(_as_scalar(out), policy)
 
 

@@ -181,12 +181,25 @@ def exact_gradient(policy, teacher, space, reward, *, lam, beta, temperature=1.0
     )
 
 
-def enumerated_loss(policy, teacher, space, reward, *, temperature: float = 1.0, **hybrid_kwargs):
-    """`hybrid_loss` over every response with seq_weights = pi(y): -S * grad(loss) is the *expected* estimate."""
+def enumerated_loss(
+    policy,
+    teacher,
+    space,
+    reward,
+    *,
+    temperature: float = 1.0,
+    rollout_temperature: float | None = None,
+    loss_fn: Callable = hybrid_loss,
+    **loss_kwargs,
+):
+    """`loss_fn` (default `hybrid_loss`) over every response with seq_weights = pi(y) at `rollout_temperature`
+    (default: the loss's `temperature`; set it apart to model a rollout/training mismatch).
+    -S * grad(loss) is then the *expected* estimate."""
+    t_roll = temperature if rollout_temperature is None else rollout_temperature
     with torch.no_grad():
-        weights = sequence_probs(policy, space, temperature)
+        weights = sequence_probs(policy, space, t_roll)
         teacher_logits = teacher(space.actions)
-    return hybrid_loss(
+    return loss_fn(
         policy(space.actions),
         teacher_logits,
         space.actions,
@@ -195,7 +208,7 @@ def enumerated_loss(policy, teacher, space, reward, *, temperature: float = 1.0,
         seq_weights=weights,
         temperature=temperature,
         backend="torch",
-        **hybrid_kwargs,
+        **loss_kwargs,
     )
 
 
