@@ -837,10 +837,11 @@ class Trainer:
         return _normalizer(self.cfg.normalize, ro.mask, None, torch.float32, n_seq=n_seq, n_tok=n_tok)
 
     # -- one update ---------------------------------------------------------------------------------
-    def train_step(self, rollouts: list[Rollout] | None = None) -> dict[str, float]:
+    def train_step(self, rollouts: list[Rollout] | None = None, keep_grads: bool = False) -> dict[str, float]:
         """Generate (unless `rollouts`, this process's micro-batches, are given), then one optimizer update.
 
-        Gradients stay on the parameters afterwards (tests read them); the next step clears them.
+        Gradients are freed after the update (so they do not sit beside the next rollout's KV cache) unless
+        `keep_grads` (tests read them).
         """
         cfg, acc = self.cfg, self.acc
         cuda = self.device.type == "cuda"
@@ -896,6 +897,8 @@ class Trainer:
             )
         self.optimizer.step()
         self.scheduler.step()
+        if not keep_grads:
+            self.optimizer.zero_grad(set_to_none=True)
         stats = self._sum(stats)
         self.step += 1
         self.samples_seen += int(n_seq)

@@ -253,9 +253,9 @@ def test_fused_linear_matches_materialised_gradients(tiny, tmp_path, arch, futur
     ros = ref.generate()
     # alignment: row t of the teacher's logits produced response token t (trainer.response_logits convention)
     assert torch.allclose(ref.teacher_inputs(ros[0]), response_logits(ref.teacher, ros[0]), atol=1e-6)
-    m_ref = ref.train_step(rollouts=ros)
+    m_ref = ref.train_step(rollouts=ros, keep_grads=True)
     fused = Trainer(_cfg(tiny, tmp_path, arch=arch, future=future, fused_linear=True, fused_chunk=5))
-    m_fused = fused.train_step(rollouts=ros)
+    m_fused = fused.train_step(rollouts=ros, keep_grads=True)
     assert m_fused["loss"] == pytest.approx(m_ref["loss"], rel=1e-5, abs=1e-6)
     assert m_fused["kl"] == pytest.approx(m_ref["kl"], rel=1e-5)
     ga = {n: p.grad for n, p in ref.model.named_parameters()}
@@ -338,7 +338,7 @@ def test_sampling_ignores_the_models_generation_defaults(tiny, tmp_path):
 def test_gradient_checkpointing_gives_the_same_gradients(tiny, tmp_path):
     ref = Trainer(_cfg(tiny, tmp_path))
     ros = ref.generate()
-    ref.train_step(rollouts=ros)
+    ref.train_step(rollouts=ros, keep_grads=True)
     gc = Trainer(_cfg(tiny, tmp_path, gradient_checkpointing=True))
     flag = (
         "is_activation_checkpointing"
@@ -346,7 +346,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny, tmp_path):
         else "is_gradient_checkpointing"
     )
     assert getattr(gc.model, flag) and not getattr(ref.model, flag)
-    gc.train_step(rollouts=ros)
+    gc.train_step(rollouts=ros, keep_grads=True)
     for (n, a), (_, b) in zip(ref.model.named_parameters(), gc.model.named_parameters()):
         assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), n
 

@@ -55,7 +55,7 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, shares, out_dir: s
     tr = Trainer(TrainConfig(**cfg_dict))
     if tr.world != world:
         raise RuntimeError(f"expected {world} processes, accelerate sees {tr.world}")
-    metrics = tr.train_step(rollouts=[shares[rank]])
+    metrics = tr.train_step(rollouts=[shares[rank]], keep_grads=True)
     if rank == 0:
         save_file(_state(tr), str(Path(out_dir) / "ddp.safetensors"))
         (Path(out_dir) / "ddp_metrics.json").write_text(json.dumps(metrics))
@@ -82,7 +82,7 @@ def compare_single_vs_ddp(cfg, nprocs: int = 2, out_dir: str | None = None) -> d
     single_cfg = cfg.replace(grad_accum=nprocs, cpu=True).validate()
     ref = Trainer(single_cfg)
     shares = [_cpu(r) for r in ref.generate()]  # micro-batch p == process p's share
-    m_single = ref.train_step(rollouts=shares)
+    m_single = ref.train_step(rollouts=shares, keep_grads=True)
     want = _state(ref)
 
     # Negative control: each process normalising by its own batch, gradients averaged.
@@ -92,7 +92,7 @@ def compare_single_vs_ddp(cfg, nprocs: int = 2, out_dir: str | None = None) -> d
     ).validate()
     for share in shares:
         t = Trainer(local_cfg)
-        t.train_step(rollouts=[share])
+        t.train_step(rollouts=[share], keep_grads=True)
         g = {k: v / nprocs for k, v in _state(t).items() if k.startswith("grad/")}
         naive = g if naive is None else {k: naive[k] + g[k] for k in g}
 
