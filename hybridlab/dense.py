@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ._checks import (
+    check_actions,
     check_logits_pair,
     check_mask,
     check_temperature,
@@ -213,20 +214,10 @@ def dense_kl(
     Returns:
         [...] KL in fp32 (fp64 for fp64 inputs).
     """
-    check_logits_pair(student_logits, teacher_logits, "student_logits", "teacher_logits")
-    tau = check_temperature(temperature)
-    batch_shape = student_logits.shape[:-1]
-    check_mask(mask, batch_shape, "student_logits", student_logits.device)
-    name = resolve_backend(backend, student_logits.device)
-    v = student_logits.shape[-1]
-    z = student_logits.reshape(-1, v)
-    t = teacher_logits.detach().reshape(-1, v)
-    active = None if mask is None else mask.reshape(-1)
-    floor = None if teacher_floor is None else float(teacher_floor)
-    kl, _ = DenseKLFunction.apply(
-        z, t, active, None, tau, floor, name, inplace_backward, torch.is_grad_enabled()
+    kl, _ = _apply(
+        student_logits, teacher_logits, None, temperature, mask, backend, teacher_floor, inplace_backward
     )
-    return kl.reshape(batch_shape)
+    return kl
 
 
 def dense_kl_and_logprobs(
@@ -245,22 +236,31 @@ def dense_kl_and_logprobs(
     Shapes: [..., V], [..., V], [...] long -> ([...] KL, [...] log-prob); both differentiable w.r.t. the student
     logits. This is what `hybrid_loss` uses: its dense term needs the KL, its sparse term the log-probs.
     """
+    return _apply(
+        student_logits, teacher_logits, actions, temperature, mask, backend, teacher_floor, inplace_backward
+    )
+
+
+def _apply(
+    student_logits, teacher_logits, actions, temperature, mask, backend, teacher_floor, inplace_backward
+):
+    """Validate, flatten to [N, V] rows, run `DenseKLFunction`, restore the batch shape: (kl, logp | None)."""
     check_logits_pair(student_logits, teacher_logits, "student_logits", "teacher_logits")
     tau = check_temperature(temperature)
     batch_shape = student_logits.shape[:-1]
-    check_mask(mask, batch_shape, "student_logits", student_logits.device)
-    if tuple(actions.shape) != tuple(batch_shape):
-        raise ValueError(
-            f"actions {shape_of(actions)} must have the logits' shape without V: {list(batch_shape)}"
-        )
-    name = resolve_backend(backend, student_logits.device)
+    dev = student_logits.device
+    check_mask(mask, batch_shape, "student_logits", dev)
     v = student_logits.shape[-1]
+    a = None
+    if actions is not None:
+        check_actions(actions, batch_shape, v, dev, mask, "student_logits")
+        a = actions.reshape(-1).clamp(0, v - 1)
+    name = resolve_backend(backend, dev)
     z = student_logits.reshape(-1, v)
     t = teacher_logits.detach().reshape(-1, v)
-    a = actions.reshape(-1).clamp(0, v - 1)
     active = None if mask is None else mask.reshape(-1)
     floor = None if teacher_floor is None else float(teacher_floor)
     kl, logp = DenseKLFunction.apply(
         z, t, active, a, tau, floor, name, inplace_backward, torch.is_grad_enabled()
     )
-    return kl.reshape(batch_shape), logp.reshape(batch_shape)
+    return kl.reshape(batch_shape), None if logp is None else logp.reshape(batch_shape)
