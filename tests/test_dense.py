@@ -174,3 +174,15 @@ def test_no_gradient_work_under_no_grad(monkeypatch):
         dense_kl(z, torch.randn(3, 5), backend="torch")
     dense_kl(z, torch.randn(3, 5), backend="torch")
     assert seen == [False, True]
+
+
+def test_dense_kl_and_logprobs_validates_actions():
+    from hybridlab import dense_kl_and_logprobs
+
+    z, t = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    with pytest.raises(ValueError, match="integer"):
+        dense_kl_and_logprobs(z, t, torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="outside"):
+        dense_kl_and_logprobs(z, t, torch.full((2, 3), 5))
+    kl, logp = dense_kl_and_logprobs(z, t, torch.zeros(2, 3, dtype=torch.long))
+    torch.testing.assert_close(logp, torch.log_softmax(z, -1)[..., 0])
