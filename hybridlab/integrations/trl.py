@@ -1,0 +1,663 @@
+"""hybridlab inside TRL: GRPO's data, generation and scale with the hybrid imitation + RL update.
+
+    from hybridlab.integrations.trl import HybridGRPOConfig, HybridGRPOTrainer
+
+    args = HybridGRPOConfig(output_dir="runs/hybrid", lam=1.0, teacher_beta=0.5, num_generations=4)
+    HybridGRPOTrainer(model=student, teacher_model=teacher, reward_funcs=my_reward, args=args,
+                      train_dataset=dataset, processing_class=tokenizer).train()
+
+`HybridGRPOTrainer` is TRL's `GRPOTrainer` (supported range: trl>=1.16,<1.17) with the update replaced. Everything
+else is GRPO's: datasets and chat templates, `reward_funcs` and `reward_weights`, `num_generations` groups,
+generation with transformers or vLLM (`use_vllm`, colocate and server modes), logging, checkpoints and accelerate
+(DDP / FSDP / DeepSpeed). The update maximises
+
+    J(theta) = E_x E_{y ~ pi_theta} [ lam R(x, y) ] - teacher_beta KL(pi_theta || pi_teacher)
+
+with R the weighted sum of the reward functions (GRPO's `reward_weights`), through `hybridlab.hybrid_loss` (or
+`fused_hybrid_loss` with `fused_linear=True`): the dense full-vocabulary KL gradient at every visited state plus
+the score-function term with return `lam R - teacher_beta * future KL - b(s_t)`. The student's softmax is taken at
+GRPO's `temperature`, the one the completions were sampled at; the teacher is taken at temperature 1.
+
+What changes against GRPO, and why:
+- `_generate_and_score_completions` also stores the raw reward R (not GRPO's group-normalised advantage), the
+  loss mask, the *global* numbers of sequences and tokens of the accumulation window, and, for the group
+  baselines, the baseline b(s_t): groups are GRPO's `num_generations` completions of one prompt, which may sit on
+  different processes, so the baseline is computed on the gathered batch ("return_group" needs the per-token
+  future KL of every group member: one extra no-grad forward of student and teacher per generation batch).
+- `compute_loss` runs the student and teacher forwards and the hybrid loss inside the DDP/FSDP wrapper's forward
+  (as TRL's own `DistillationTrainer` does) and weights sequence b by c_b * P, with c_b from the global counts
+  (normalize="sequences": 1 / B_global) and P processes, so that after DDP's average the gradient is the
+  gradient of the global batch's loss, whatever the split into processes and accumulation steps.
+- On-policy only: one optimiser step per generation batch, no importance-sampling corrections. `num_iterations
+  > 1`, `steps_per_generation != gradient_accumulation_steps` and `vllm_importance_sampling_correction=True` are
+  refused. Sampling filters that change the distribution away from softmax(z / temperature) (top_p, top_k,
+  min_p, repetition_penalty) are refused: the loss would differentiate a policy that did not sample the data.
+- GRPO's `beta` (a KL to a frozen reference, estimated by k3) is not part of this update and must stay 0. A KL to
+  a frozen reference is this objective with the reference as the teacher.
+- GRPO's surrogate settings (`loss_type`, `epsilon`, `delta`, `scale_rewards`, `importance_sampling_level`) have
+  no effect: on-policy with one iteration the clipped ratio is 1 and the update is hybridlab's. Entropy bonuses,
+  entropy masks and off-policy masks change the objective and are refused.
+
+Not run here (CPU only): vLLM generation, GPUs, FSDP and DeepSpeed. With vLLM the sampler's numerics differ
+slightly from the training forward's (bf16 kernels); no correction is applied for that.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+try:
+    import trl
+    from trl import GRPOConfig, GRPOTrainer
+except ImportError as e:  # pragma: no cover - exercised only without trl
+    raise ImportError(
+        'hybridlab.integrations.trl needs TRL: pip install "hybridlab[trl]" (trl>=1.16,<1.17)'
+    ) from e
+
+from packaging.version import Version
+
+from ..dense import dense_kl
+from ..fused_hybrid import fused_hybrid_loss
+from ..hybrid import NORMALIZATIONS, hybrid_loss
+from ..sparse import (
+    FUTURE_ESTIMATORS,
+    combined_returns,
+    future_sum,
+    group_loo_mean,
+    kl_estimate,
+    selected_logprobs,
+)
+
+TRL_SUPPORTED = (">=1.16", "<1.17")
+if not Version("1.16") <= Version(Version(trl.__version__).base_version) < Version("1.17"):
+    raise ImportError(
+        f"hybridlab.integrations.trl supports trl>=1.16,<1.17 (it overrides GRPOTrainer internals that change "
+        f"between releases); found trl {trl.__version__}"
+    )
+
+BASELINES = ("none", "reward_group", "return_group")
+DENSE_BACKENDS = ("auto", "torch", "triton")
+#: generation_kwargs that sample from something other than softmax(logits / temperature)
+_FILTER_KWARGS = {
+    "top_p": 1.0, "top_k": (0, None, -1), "min_p": (None, 0.0), "typical_p": 1.0, "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+    "no_repeat_ngram_size": (0, None), "bad_words_ids": (None,), "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,), "sequence_bias": (None,), "do_sample": True, "num_beams": 1,
+    "temperature": None,
+}  # fmt: skip
+
+
+@dataclass
+class HybridGRPOConfig(GRPOConfig):
+    """`GRPOConfig` plus the hybrid objective's settings (see `hybridlab.hybrid_loss`).
+
+    The update is on-policy: `num_iterations` must be 1, `steps_per_generation` must equal
+    `gradient_accumulation_steps` (the default) and `vllm_importance_sampling_correction` must be False (the
+    default here). GRPO's `beta` must be 0: the teacher's weight is `teacher_beta`.
+    """
+
+    lam: float = field(
+        default=1.0, metadata={"help": "Weight of the task reward R in J (R = weighted sum of reward_funcs)."}
+    )
+    teacher_beta: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the reverse KL to the teacher in J (GRPO's `beta` stays 0)."},
+    )
+    future: str = field(
+        default="analytic",
+        metadata={
+            "help": "Estimator of the future KL in the return: analytic | k1 | k3 | none (myopic; biased with a reward)."
+        },
+    )
+    gamma: float = field(
+        default=1.0,
+        metadata={"help": "Discount of the future KL; 1 is exact, < 1 optimises another objective."},
+    )
+    baseline: str = field(
+        default="return_group",
+        metadata={
+            "help": "none | reward_group | return_group: leave-one-out over a prompt's num_generations completions."
+        },
+    )
+    normalize: str = field(
+        default="sequences",
+        metadata={
+            "help": "sequences (unbiased) | tokens | per_sequence | a positive number: the loss's divisor."
+        },
+    )
+    teacher_model_init_kwargs: dict | str | None = field(
+        default=None, metadata={"help": "Keyword arguments for from_pretrained when teacher_model is a path."}
+    )
+    teacher_floor: float | None = field(
+        default=None,
+        metadata={"help": "Clamp of the teacher's log-probs (None: an infinite KL is an error)."},
+    )
+    dense_backend: str = field(
+        default="auto", metadata={"help": "auto | torch | triton (the dense KL kernel)."}
+    )
+    fused_linear: bool = field(
+        default=False,
+        metadata={"help": "Loss from hidden states and LM heads, no [B, T, V] logits on either side."},
+    )
+    fused_chunk: int = field(default=1024, metadata={"help": "Rows per chunk of the fused path."})
+    # GRPO defaults changed for an on-policy update
+    disable_dropout: bool = field(
+        default=True, metadata={"help": "Dropout makes the trained policy differ from the sampling policy."}
+    )
+    vllm_importance_sampling_correction: bool = field(
+        default=False, metadata={"help": "Must stay False: the hybrid update applies no importance weights."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.normalize = _parse_normalize(self.normalize)
+        _check_hybrid_args(self)
+
+
+def _parse_normalize(value):
+    if isinstance(value, bool):
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS} or a positive number, got {value!r}")
+    if isinstance(value, (int, float)):
+        x = float(value)
+    elif isinstance(value, str) and value in NORMALIZATIONS:
+        return value
+    else:
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"normalize must be one of {NORMALIZATIONS} or a positive number, got {value!r}"
+            ) from None
+    if not (math.isfinite(x) and x > 0):
+        raise ValueError(f"normalize as a number must be positive and finite, got {value!r}")
+    return x
+
+
+def _check_hybrid_args(a: HybridGRPOConfig) -> None:
+    """Raise ValueError naming the setting for anything the hybrid update cannot honour."""
+    for name in ("lam", "teacher_beta"):
+        v = getattr(a, name)
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    if a.beta != 0.0:
+        if a.teacher_beta != 0.0:
+            raise ValueError(
+                f"beta={a.beta} and teacher_beta={a.teacher_beta} are both nonzero: GRPO's beta (a k3 KL to a frozen "
+                "reference) is not part of the hybrid update, whose KL weight is teacher_beta. Set beta=0."
+            )
+        raise ValueError(
+            f"beta={a.beta}: GRPO's reference KL is not part of the hybrid update. For a KL to a frozen reference, "
+            "pass the reference model as teacher_model and set teacher_beta (and beta=0)."
+        )
+    if a.future not in FUTURE_ESTIMATORS:
+        raise ValueError(f"future must be one of {FUTURE_ESTIMATORS}, got {a.future!r}")
+    if not (isinstance(a.gamma, (int, float)) and 0.0 <= a.gamma <= 1.0):
+        raise ValueError(f"gamma must lie in [0, 1], got {a.gamma!r}")
+    if a.baseline not in BASELINES:
+        raise ValueError(f"baseline must be one of {BASELINES}, got {a.baseline!r}")
+    if a.dense_backend not in DENSE_BACKENDS:
+        raise ValueError(f"dense_backend must be one of {DENSE_BACKENDS}, got {a.dense_backend!r}")
+    if a.teacher_floor is not None and not (math.isfinite(a.teacher_floor) and a.teacher_floor < 0):
+        raise ValueError(
+            f"teacher_floor must be a finite negative log-probability or None, got {a.teacher_floor!r}"
+        )
+    if not (isinstance(a.fused_chunk, int) and a.fused_chunk > 0):
+        raise ValueError(f"fused_chunk must be a positive integer, got {a.fused_chunk!r}")
+    if not (a.temperature > 0 and math.isfinite(a.temperature)):
+        raise ValueError(f"temperature must be positive and finite, got {a.temperature!r}")
+    # on-policy: each generation batch is used for exactly one optimiser step, by the policy that sampled it
+    if a.num_iterations != 1:
+        raise ValueError(
+            f"num_iterations={a.num_iterations}: the hybrid update is on-policy (its gradient is exact only for "
+            "completions sampled from the current policy) and applies no importance correction; set num_iterations=1"
+        )
+    if a.steps_per_generation != a.gradient_accumulation_steps:
+        raise ValueError(
+            f"steps_per_generation={a.steps_per_generation} differs from gradient_accumulation_steps="
+            f"{a.gradient_accumulation_steps} (generation_batch_size={a.generation_batch_size}): part of each "
+            "generation batch would be trained on after an optimiser step, off-policy. Leave steps_per_generation "
+            "and generation_batch_size unset"
+        )
+    if a.vllm_importance_sampling_correction:
+        raise ValueError(
+            "vllm_importance_sampling_correction=True: the hybrid update applies no importance-sampling weights; "
+            "set it to False"
+        )
+    if a.off_policy_mask_threshold is not None:
+        raise ValueError(
+            f"off_policy_mask_threshold={a.off_policy_mask_threshold}: dropping sequences biases the hybrid "
+            "gradient (and the update is on-policy); set it to None"
+        )
+    if a.top_entropy_quantile != 1.0:
+        raise ValueError(
+            f"top_entropy_quantile={a.top_entropy_quantile}: training only high-entropy tokens biases the hybrid "
+            "gradient; set it to 1.0"
+        )
+    if a.entropy_coef != 0.0 or a.use_adaptive_entropy:
+        raise ValueError(
+            f"entropy_coef={a.entropy_coef}, use_adaptive_entropy={a.use_adaptive_entropy}: an entropy bonus "
+            "changes the objective J; set entropy_coef=0 and use_adaptive_entropy=False"
+        )
+    if a.multi_objective_aggregation != "sum_then_normalize":
+        raise ValueError(
+            f"multi_objective_aggregation={a.multi_objective_aggregation!r}: the hybrid reward R is the weighted "
+            "sum of the reward functions' raw values; use 'sum_then_normalize' (its normalisation is not used)"
+        )
+    sampling = {
+        "top_p": a.top_p,
+        "top_k": a.top_k,
+        "min_p": a.min_p,
+        "repetition_penalty": a.repetition_penalty,
+    }
+    sampling.update({k: v for k, v in (a.generation_kwargs or {}).items() if k in _FILTER_KWARGS})
+    for k, v in sampling.items():
+        ok = _FILTER_KWARGS[k]
+        if k == "temperature":
+            if v != a.temperature:
+                raise ValueError(
+                    f"generation_kwargs temperature={v!r} differs from temperature={a.temperature!r}, the loss's; "
+                    "set temperature only"
+                )
+        elif not (v in ok if isinstance(ok, tuple) else v == ok):
+            raise ValueError(
+                f"{k}={v!r}: completions must be sampled from softmax(logits / temperature), the distribution the "
+                f"hybrid loss differentiates; a sampling filter makes them off-policy. Use the default "
+                f"({ok[0] if isinstance(ok, tuple) else ok!r})"
+            )
+
+
+def _accepts(model, name: str) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return name in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _config_vocab(model) -> int:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(cfg.vocab_size)
+
+
+def _logit_postprocessing(model) -> list[str]:
+    cfg = model.config.get_text_config()
+    found = []
+    for key in (
+        "final_logit_softcapping",
+        "logit_scale",
+        "output_multiplier",
+        "lm_head_multiplier",
+        "logits_scaling",
+    ):
+        v = getattr(cfg, key, None)
+        if v is not None and v != 1.0:
+            found.append(f"{key}={v}")
+    return found
+
+
+class HybridGRPOTrainer(GRPOTrainer):
+    """`GRPOTrainer` with hybridlab's update: J = E[lam R] - teacher_beta KL(student || teacher).
+
+    Args (besides GRPOTrainer's, all passed through):
+        teacher_model: a local model folder (loaded with `args.teacher_model_init_kwargs`) or a causal LM object
+            sharing the student's tokenizer and vocabulary. Frozen; never trained.
+        args: a `HybridGRPOConfig`.
+    """
+
+    _tag_names = ["trl", "grpo", "hybridlab"]
+    _name = "HybridGRPO"
+
+    def __init__(
+        self,
+        model,
+        reward_funcs=None,
+        args: HybridGRPOConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        reward_processing_classes=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+        tools=None,
+        rollout_func=None,
+        environment_factory=None,
+        *,
+        teacher_model=None,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = HybridGRPOConfig(f"{str(name).rstrip('/').split('/')[-1] or 'model'}-HybridGRPO")
+        if not isinstance(args, HybridGRPOConfig):
+            raise TypeError(
+                f"args must be a HybridGRPOConfig (GRPOConfig plus lam, teacher_beta, future, ...), got "
+                f"{type(args).__name__}"
+            )
+        _check_hybrid_args(args)  # again: fields may have been changed after construction
+        if teacher_model is None:
+            raise ValueError("teacher_model must be given: a local model folder or a causal LM object")
+        teacher_kwargs = dict(args.teacher_model_init_kwargs or {})
+        if isinstance(teacher_model, str):
+            from trl.trainer.utils import create_model_from_path
+
+            if args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED"]:
+                teacher_kwargs["device_map"] = None
+            teacher_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+            teacher_path = teacher_model
+            teacher_model = create_model_from_path(teacher_model, **teacher_kwargs)
+        else:
+            if teacher_kwargs:
+                raise ValueError(
+                    "teacher_model_init_kwargs were given but teacher_model is already a model object; pass a path "
+                    "or drop teacher_model_init_kwargs"
+                )
+            teacher_path = getattr(teacher_model.config, "_name_or_path", "") or type(teacher_model).__name__
+        if not hasattr(teacher_model, "config") or not callable(teacher_model):
+            raise TypeError(
+                f"teacher_model must be a causal LM or a path, got {type(teacher_model).__name__}"
+            )
+
+        super().__init__(
+            model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
+            eval_dataset=eval_dataset, processing_class=processing_class,
+            reward_processing_classes=reward_processing_classes, callbacks=callbacks, optimizers=optimizers,
+            quantization_config=quantization_config, peft_config=peft_config, tools=tools,
+            rollout_func=rollout_func, environment_factory=environment_factory,
+        )  # fmt: skip
+
+        student = self.accelerator.unwrap_model(self.model)
+        self.vocab_size = self._check_vocab(student, teacher_model, teacher_path)
+        if args.fused_linear:
+            for who, m in (("student", student), ("teacher", teacher_model)):
+                post = _logit_postprocessing(m.get_base_model() if hasattr(m, "get_base_model") else m)
+                if post:
+                    raise ValueError(
+                        f"fused_linear=True: the {who} post-processes its logits ({', '.join(post)}), so its logits "
+                        "are not lm_head(hidden); set fused_linear=False"
+                    )
+        for p in teacher_model.parameters():
+            p.requires_grad_(False)
+        teacher_model.eval()
+        if args.disable_dropout:
+            from trl.trainer.utils import disable_dropout_in_model
+
+            disable_dropout_in_model(teacher_model)
+        if self.is_deepspeed_enabled:
+            from trl.models import prepare_deepspeed
+
+            self.teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
+        elif self.is_fsdp_enabled:
+            from trl.models import prepare_fsdp
+
+            self.teacher_model = prepare_fsdp(teacher_model, self.accelerator)
+        else:
+            self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+        from trl.models.utils import _ForwardRedirection
+
+        self._forward_redirection = _ForwardRedirection()
+        self._student_logits_to_keep = _accepts(student, "logits_to_keep")
+        self._teacher_logits_to_keep = _accepts(
+            self.accelerator.unwrap_model(self.teacher_model), "logits_to_keep"
+        )
+        self._hybrid_rewards_per_func = None
+
+    def _send_telemetry(self):
+        """No network at run time: TRL's usage ping is not sent."""
+
+    # -- checks ---------------------------------------------------------------------------------------------
+    def _check_vocab(self, student, teacher, teacher_path: str) -> int:
+        """The student's vocabulary size V. The teacher must cover it (a larger, padded teacher head is sliced to
+        the first V ids, with a warning); the tokenizer must fit in it."""
+        vs, vt, nt = _config_vocab(student), _config_vocab(teacher), len(self._tokenizer)
+        student_path = getattr(student.config, "_name_or_path", "") or type(student).__name__
+        if vs < nt:
+            raise ValueError(
+                f"vocabulary mismatch: student {student_path!r} has vocab_size={vs} but the tokenizer has {nt} tokens"
+            )
+        if vt < vs:
+            raise ValueError(
+                f"vocabulary mismatch: student {student_path!r} has vocab_size={vs}, teacher {teacher_path!r} has "
+                f"vocab_size={vt}; they must share the tokenizer ({nt} tokens) and the teacher must cover every "
+                "student id"
+            )
+        if vt > vs:
+            import warnings
+
+            warnings.warn(
+                f"teacher {teacher_path!r} has vocab_size={vt} > the student's {vs} (tokenizer: {nt} tokens): its "
+                f"logits are sliced to the first {vs} ids",
+                stacklevel=3,
+            )
+        return vs
+
+    # -- generation: keep GRPO's, add what the hybrid loss needs ---------------------------------------------
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        out = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._hybrid_rewards_per_func = out  # gathered over processes: [N_global, n_funcs]
+        return out
+
+    def _generate_and_score_completions(self, inputs):
+        self._hybrid_rewards_per_func = None
+        out = super()._generate_and_score_completions(inputs)
+        rpf = self._hybrid_rewards_per_func
+        if rpf is None:
+            raise RuntimeError(
+                "GRPOTrainer did not compute rewards through _calculate_rewards (TRL version drift?)"
+            )
+        self._hybrid_rewards_per_func = None
+        device = out["completion_ids"].device
+        b = out["completion_ids"].shape[0]
+        rank = self.accelerator.process_index
+        weights = self.reward_weights.to(rpf.device)
+        unscorable = torch.isnan(rpf).all(dim=1)
+        r_all = torch.where(unscorable, 0.0, (rpf * weights[None]).nansum(dim=1)).float()  # [N_global]
+        local = slice(rank * b, (rank + 1) * b)
+        r_local = r_all[local].to(device)
+        mask = out["completion_mask"].bool()
+        if "tool_mask" in out:
+            mask = mask & out["tool_mask"].bool()
+        mask = mask & ~unscorable[local].to(device)[:, None]
+        counts = self.accelerator.reduce(
+            torch.tensor([float(b), float(mask.sum())], dtype=torch.float64, device=device), reduction="sum"
+        )
+        out["hybrid_rewards"] = r_local
+        out["hybrid_mask"] = mask
+        out["hybrid_n_seq"] = counts[0].clone()
+        out["hybrid_n_tok"] = counts[1].clone()
+        mode = "train" if self.model.training else "eval"
+        if unscorable.any():
+            self._metrics[mode]["hybrid/unscorable_frac"].append(unscorable.float().mean().item())
+        g = self.num_generations if mode == "train" else self.num_generations_eval
+        base = self._group_baseline(out, mask, r_all, r_local, g)
+        if base is not None:
+            out["hybrid_baseline"] = base
+        return out
+
+    @torch.no_grad()
+    def _group_baseline(self, out, mask, r_all, r_local, g) -> torch.Tensor | None:
+        """b(s_t) [B_local, T] of the whole gathered batch's groups (hybridlab's leave-one-out baselines)."""
+        a = self.args
+        if a.baseline == "none":
+            return None
+        t = mask.shape[1]
+        if g < 2:  # evaluation with num_generations_eval = 1: no group to leave one out of
+            return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        if a.baseline == "reward_group" or a.future == "none" or a.teacher_beta == 0.0:
+            # returns are lam R at every position: the two group baselines coincide
+            loo = group_loo_mean(a.lam * r_all, g)[self._local_slice(mask.shape[0])].to(mask.device)
+            return loo[:, None].expand(-1, t).clone()
+        k = self._future_kl_terms(out, mask)  # [B, T] per-token KL estimates under the current policy
+        fut = future_sum(k, mask, a.gamma)
+        ret = combined_returns(r_local, fut, mask, lam=a.lam, beta=a.teacher_beta)
+        padded = torch.where(mask, ret, a.lam * r_local[:, None])
+        ret_all = self.accelerator.gather(
+            self.accelerator.pad_across_processes(padded, dim=1, pad_index=math.nan)
+        )
+        # positions past a process's longest completion count lam R, as a finished sample does in hybridlab
+        ret_all = torch.where(torch.isnan(ret_all), a.lam * r_all[:, None].to(ret_all), ret_all)
+        return group_loo_mean(ret_all, g)[self._local_slice(mask.shape[0]), :t].contiguous()
+
+    def _local_slice(self, b: int) -> slice:
+        i = self.accelerator.process_index
+        return slice(i * b, (i + 1) * b)
+
+    def _future_kl_terms(self, out, mask) -> torch.Tensor:
+        """The per-token estimates k_t that enter the future-KL sum, by no-grad forwards of student and teacher."""
+        a = self.args
+        ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
+        att = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
+        n = out["completion_ids"].shape[1]
+        rows = []
+        bs = a.per_device_train_batch_size if self.model.training else a.per_device_eval_batch_size
+        for s in range(0, ids.shape[0], bs):
+            sl = slice(s, s + bs)
+            with self.accelerator.autocast():
+                z = self._logits(self.model, ids[sl], att[sl], n, self._student_logits_to_keep)
+                q = self._logits(self.teacher_model, ids[sl], att[sl], n, self._teacher_logits_to_keep)
+            q = q[..., : self.vocab_size]
+            acts, m = out["completion_ids"][sl], mask[sl]
+            if a.future == "analytic":
+                k = dense_kl(z, q, temperature=a.temperature, mask=m, backend=a.dense_backend,
+                             teacher_floor=a.teacher_floor)  # fmt: skip
+            else:
+                logp = selected_logprobs(z, acts, a.temperature, m)
+                logq = selected_logprobs(q, acts, 1.0, m)
+                if a.teacher_floor is not None:
+                    logq = logq.clamp_min(a.teacher_floor)
+                k = kl_estimate(logp.float(), logq.float(), a.future)
+            rows.append(torch.where(m, k.float(), 0.0))
+        return torch.cat(rows)
+
+    @staticmethod
+    def _logits(model, input_ids, attention_mask, n: int, logits_to_keep: bool) -> torch.Tensor:
+        """Logits [B, n, V] at the states that produced the last n tokens."""
+        kw = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        if logits_to_keep:
+            kw["logits_to_keep"] = n + 1
+        return model(**kw).logits[:, -(n + 1) : -1]
+
+    # -- the update -----------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs:
+            raise ValueError("HybridGRPOTrainer does not support returning outputs")
+        unwrapped = self.accelerator.unwrap_model(model)
+        # Run both forwards and the loss inside the DDP/FSDP wrapper's forward (gradient hooks, sharded params).
+        loss, stats = self._forward_redirection(model, unwrapped, self._hybrid_loss, unwrapped, inputs)
+        mode = "train" if self.model.training else "eval"
+        world = self.accelerator.num_processes
+        stats = self.accelerator.reduce(stats, reduction="sum")
+        steps = self.current_gradient_accumulation_steps if mode == "train" else 1
+        n_seq, n_tok = float(stats[3]), float(stats[4])
+        # dense / sparse: this micro-batch's share of the window's loss, times the window's micro-batches
+        self._metrics[mode]["hybrid/dense"].append(float(stats[0]) / world * steps)
+        self._metrics[mode]["hybrid/sparse"].append(float(stats[1]) / world * steps)
+        if n_seq > 0:
+            self._metrics[mode]["hybrid/teacher_kl"].append(
+                float(stats[2]) / n_seq
+            )  # sum_t KL_t per sequence
+        if n_tok > 0:
+            self._metrics[mode]["hybrid/teacher_kl_per_token"].append(float(stats[2]) / n_tok)
+            self._metrics[mode]["hybrid/return_mean"].append(float(stats[5]) / n_tok)
+        return loss
+
+    def hybrid_coefficients(self, inputs) -> torch.Tensor:
+        """c_b * P [B]: sequence b's weight in the global batch's loss, times the P processes DDP averages over."""
+        mask = inputs["hybrid_mask"]
+        n_seq, n_tok = float(inputs["hybrid_n_seq"]), float(inputs["hybrid_n_tok"])
+        norm = self.args.normalize
+        b = mask.shape[0]
+        ones = torch.ones(b, dtype=torch.float32, device=mask.device)
+        if norm == "sequences":
+            c = ones / n_seq
+        elif norm == "tokens":
+            c = ones / max(n_tok, 1.0)
+        elif norm == "per_sequence":
+            c = ones / (n_seq * mask.sum(1).clamp_min(1).float())
+        else:
+            c = ones / float(norm)
+        return c * self.accelerator.num_processes
+
+    def _hybrid_loss(self, unwrapped, inputs):
+        a = self.args
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        actions, mask = inputs["completion_ids"], inputs["hybrid_mask"].bool()
+        n, v = actions.shape[1], self.vocab_size
+        c = self.hybrid_coefficients(inputs)
+        baseline = inputs.get("hybrid_baseline")
+        kw = dict(
+            mask=mask, beta=a.teacher_beta, lam=a.lam, future=a.future, gamma=a.gamma,
+            baseline="none" if baseline is None else baseline, temperature=a.temperature, normalize=1.0,
+            seq_weights=c, backend=a.dense_backend, teacher_floor=a.teacher_floor,
+        )  # fmt: skip
+        dev = ids.device.type
+        if a.fused_linear:
+            student = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+            with self.accelerator.autocast():
+                hidden = student.base_model(
+                    input_ids=ids, attention_mask=att, use_cache=False
+                ).last_hidden_state
+            hidden = hidden[:, -(n + 1) : -1]
+            head = student.get_output_embeddings()
+            teacher = self._teacher_hidden_and_head(ids, att, n)
+            cdt = hidden.dtype
+            with torch.autocast(dev, enabled=False):
+                out = fused_hybrid_loss(
+                    hidden, head.weight.to(cdt), teacher, actions, inputs["hybrid_rewards"],
+                    bias=None if head.bias is None else head.bias.to(cdt), chunk_size=a.fused_chunk, **kw,
+                )  # fmt: skip
+        else:
+            with torch.no_grad(), self.accelerator.autocast():
+                q = self._logits(self.teacher_model, ids, att, n, self._teacher_logits_to_keep)[..., :v]
+            with self.accelerator.autocast():
+                z = self._logits(unwrapped, ids, att, n, self._student_logits_to_keep)
+            with torch.autocast(dev, enabled=False):
+                out = hybrid_loss(z, q, actions, inputs["hybrid_rewards"], **kw)
+        m = mask.float()
+        stats = torch.stack([
+            out.dense.detach().double(), out.sparse.detach().double(), (out.kl * m).sum().double(),
+            torch.tensor(float(mask.shape[0]), dtype=torch.float64, device=mask.device), m.sum().double(),
+            (out.returns * m).sum().double(),
+        ])  # fmt: skip
+        return out.loss, stats
+
+    @torch.no_grad()
+    def _teacher_hidden_and_head(self, ids, att, n):
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+
+        def hidden_of(t):
+            base = t.get_base_model() if hasattr(t, "get_base_model") else t
+            with self.accelerator.autocast():
+                return base.base_model(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state
+
+        h = self._forward_redirection(self.teacher_model, teacher, hidden_of, teacher)[:, -(n + 1) : -1]
+        head = teacher.get_output_embeddings()
+        w = head.weight[: self.vocab_size].to(h.dtype)
+        return (h, w) if head.bias is None else (h, w, head.bias[: self.vocab_size].to(h.dtype))
+
+
+def _demo(argv: list[str] | None = None) -> dict[str, Any]:
+    """A few steps on tiny random models built here (no download); see examples/trl_tiny.py."""
+    import argparse
+    import runpy
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--demo", action="store_true", help="run examples/trl_tiny.py's tiny CPU example")
+    p.parse_args(argv)
+    script = Path(__file__).resolve().parents[2] / "examples" / "trl_tiny.py"
+    if not script.exists():
+        raise FileNotFoundError(f"{script} not found (the demo lives in the repository's examples/ folder)")
+    return runpy.run_path(str(script), run_name="__main__")
+
+
+__all__ = ["HybridGRPOConfig", "HybridGRPOTrainer", "TRL_SUPPORTED"]
+
+if __name__ == "__main__":
+    _demo()
