@@ -6,6 +6,7 @@ once, as the cell's value) and returns the `Figure`. `check_figure` asserts thos
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 
 import matplotlib
@@ -26,7 +27,23 @@ def _np(x) -> np.ndarray:
     return np.asarray(x, dtype=float)
 
 
+def _wrap_labels(fig: Figure) -> None:
+    """Wrap titles and y labels that would not fit their axes (no clipped titles, no label running into one)."""
+    width_in, height_in = fig.get_size_inches()
+    for ax in fig.axes:
+        pos = ax.get_position()
+        title = ax.get_title()
+        chars = max(20, int(pos.width * width_in * 13))  # ~13 characters per inch at the title's font size
+        if title and len(title) > chars and "\n" not in title:
+            ax.set_title(textwrap.fill(title, chars))
+        ylabel = ax.get_ylabel()
+        chars = max(14, int(pos.height * height_in * 10))
+        if ylabel and len(ylabel) > chars and "\n" not in ylabel:
+            ax.set_ylabel(textwrap.fill(ylabel, chars))
+
+
 def _done(fig: Figure) -> Figure:
+    _wrap_labels(fig)
     fig.tight_layout()
     plt.close(fig)
     check_figure(fig)
@@ -84,16 +101,21 @@ def bars(
 
 
 def relative_errors(
-    labels: Sequence[str], errors: Sequence[float], *, title: str, threshold: float | None = 1e-2
+    labels: Sequence[str],
+    errors: Sequence[float],
+    *,
+    title: str,
+    threshold: float | None = 1e-2,
+    target: str = "grad J",
 ) -> Figure:
-    """Bar chart (log scale) of ||E[g_hat] - grad J|| / ||grad J|| per estimator variant."""
+    """Bar chart (log scale) of ||E[g_hat] - target|| / ||target|| per estimator variant (target: grad J)."""
     errs = _np(errors)
     colors = [COLORS[2] if e < (threshold or 0) else COLORS[3] for e in errs]
     return bars(
         labels,
         errs,
         title=title,
-        ylabel="relative error vs grad J " + UNITLESS,
+        ylabel=f"relative error vs {target} " + UNITLESS,
         log=True,
         hline=threshold,
         hline_label=None if threshold is None else f"visible-miss margin {threshold:g}",
@@ -296,4 +318,135 @@ def histogram(
         ax.hist(_np(s), bins=bins, density=True, alpha=0.5, color=COLORS[i % len(COLORS)], label=name)
     ax.legend(fontsize=8)
     ax.set(title=title, xlabel=xlabel, ylabel="density (1 / x units)")
+    return _done(fig)
+
+
+ROLE_COLORS = {"past": "0.75", "step": COLORS[0], "future": COLORS[1], "reward": COLORS[2]}
+ROLE_LABELS = {
+    "past": "past t' < t: drops out (the score has mean 0 given s_t)",
+    "step": "step t: replaced by the dense full-vocabulary KL_t(s_t)",
+    "future": "future t' > t: -beta k_t' goes into the return",
+    "reward": "reward: +lam R goes into the return",
+}
+
+
+def token_roles(
+    logratios: Sequence[float],
+    t: int,
+    reward: float,
+    vocab_terms: Sequence[float],
+    *,
+    sampled: int,
+    tokens: Sequence[str],
+    vocab: Sequence[str],
+    lam: float,
+    beta: float,
+    title: str = "Where each term of the sequence KL goes, for the token at step t",
+) -> Figure:
+    """The decomposition for one token of one response, in three panels.
+
+    Top: the response's log-ratios k_1..k_T (the terms of the sequence KL's sample) and the reward, coloured by
+    their role for the score of the token at step `t` (1-based): past (drops out), step t (dense), future and
+    reward (the return). Bottom left: the dense term at step t, p(a|s_t) log(p(a|s_t)/q(a|s_t)) for every token a
+    of `vocab` (they sum to KL_t; the sampled token is outlined). Bottom right: the return G_t it multiplies.
+    """
+    k = _np(logratios)
+    terms = _np(vocab_terms)
+    n = len(k)
+    if not 1 <= t <= n:
+        raise ValueError(f"t must be a position 1..{n} of the response (1-based), got {t}")
+    if len(tokens) != n or len(vocab) != len(terms) or not 0 <= sampled < len(terms):
+        raise ValueError(
+            f"shapes: {n} log-ratios need {n} tokens (got {len(tokens)}); {len(terms)} vocabulary terms need as "
+            f"many vocab labels (got {len(vocab)}) and 0 <= sampled < {len(terms)} (got {sampled})"
+        )
+    roles = ["past" if i + 1 < t else "step" if i + 1 == t else "future" for i in range(n)]
+    fig = plt.figure(figsize=(9, 6.2))
+    grid = fig.add_gridspec(2, 2, height_ratios=[1.1, 1])
+    top = fig.add_subplot(grid[0, :])
+    x = np.arange(1, n + 1)
+    for role in ("past", "step", "future"):
+        idx = [i for i, r in enumerate(roles) if r == role]
+        if idx:
+            top.bar(x[idx], k[idx], color=ROLE_COLORS[role], edgecolor="k", label=ROLE_LABELS[role],
+                    hatch="//" if role == "past" else None)  # fmt: skip
+    top.bar([n + 1.3], [reward], color=ROLE_COLORS["reward"], edgecolor="k", label=ROLE_LABELS["reward"])
+    kl_t = float(terms.sum())
+    top.plot([t - 0.45, t + 0.45], [kl_t, kl_t], "k--", lw=1.5)
+    top.annotate(
+        f"dense: KL_t(s_t) = {kl_t:.2f} replaces the sampled k_t = {k[t - 1]:.2f}",
+        (t + 0.45, kl_t),
+        xytext=(6, 0),
+        textcoords="offset points",
+        fontsize=7,
+        va="center",
+        bbox=dict(boxstyle="round", fc="white", alpha=0.85),
+    )
+    top.axhline(0, color="k", lw=0.8)
+    top.set_xticks(list(x) + [n + 1.3], [f"y{i}={tok!r}" for i, tok in zip(x, tokens)] + ["R(y)"])
+    top.set(
+        title=f"One response: its log-ratios k_t' and reward, seen from step t = {t}",
+        xlabel="position t' in the response (token), then the reward",
+        ylabel="k_t' (nats); R (reward units)",
+    )
+    top.legend(fontsize=7, loc="best")
+
+    left = fig.add_subplot(grid[1, 0])
+    edge = ["k" if a == sampled else "none" for a in range(len(terms))]
+    widths = [2.5 if a == sampled else 0 for a in range(len(terms))]
+    left.bar(np.arange(len(terms)), terms, color=ROLE_COLORS["step"], edgecolor=edge, linewidth=widths)
+    left.axhline(0, color="k", lw=0.8)
+    left.set_xticks(
+        np.arange(len(terms)),
+        [f"{v!r}" + (" (sampled)" if a == sampled else "") for a, v in enumerate(vocab)],
+    )
+    left.set(
+        title=f"Dense term at step t: all tokens a (sum KL_t = {terms.sum():.3f})",
+        xlabel="token a in the vocabulary",
+        ylabel="p log(p/q) at s_t (nats)",
+    )
+
+    right = fig.add_subplot(grid[1, 1])
+    future = float(k[t:].sum())
+    parts = {"lam R": lam * reward, "-beta sum k_t' (t' > t)": -beta * future}
+    parts["G_t (their sum)"] = sum(parts.values())
+    right.bar(range(3), list(parts.values()), color=[ROLE_COLORS["reward"], ROLE_COLORS["future"], "0.35"],
+              edgecolor="k")  # fmt: skip
+    right.axhline(0, color="k", lw=0.8)
+    right.set_xticks(range(3), list(parts), fontsize=8)
+    right.set(
+        title="Sparse term at step t: the return G_t",
+        xlabel="part of the return",
+        ylabel="return (reward units)",
+    )
+    fig.suptitle(title)
+    return _done(fig)
+
+
+def topk_gaps(
+    ks: Sequence[int],
+    gaps: Mapping[str, Mapping[int, Sequence[float]]],
+    *,
+    title: str = "Top-k teachers: per-row gap to the full KL",
+) -> Figure:
+    """Every row's gap (estimate - full KL) against k, one strip of points per estimate, with the share of rows
+    above zero written beside each strip: a lower bound never crosses zero; an estimate that is not a bound does."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    rng = np.random.default_rng(0)
+    n_kinds = len(gaps)
+    for i, (name, per_k) in enumerate(gaps.items()):
+        offset = (i - (n_kinds - 1) / 2) * 0.3
+        for j, k in enumerate(ks):
+            y = _np(per_k[k])
+            xs = j + offset + rng.uniform(-0.1, 0.1, size=len(y))
+            ax.scatter(xs, y, s=4, alpha=0.35, color=COLORS[i % len(COLORS)], label=name if j == 0 else None)
+            above = float((y > 0).mean())
+            ax.annotate(f"{above:.0%}", (j + offset, float(y.max())), ha="center", va="bottom", fontsize=6,
+                        color=COLORS[i % len(COLORS)])  # fmt: skip
+    ax.axhline(0, color="k", lw=1, ls="--", label="full KL (gap 0)")
+    ax.set_xticks(range(len(ks)), [str(k) for k in ks])
+    ax.set(title=title, xlabel="teacher top-k size k (tokens); labels: share of rows above the full KL",
+           ylabel="estimate - full KL (nats)")  # fmt: skip
+    ax.legend(fontsize=8, markerscale=3, loc="lower right")
+    ax.grid(alpha=0.3)
     return _done(fig)
