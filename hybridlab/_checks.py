@@ -80,6 +80,23 @@ def describe_nonfinite(name: str, x: torch.Tensor, rows: torch.Tensor | None = N
     return None
 
 
+def describe_temperature_overflow(
+    student: torch.Tensor, temperature: float, rows: torch.Tensor | None = None, name: str = "student_logits"
+) -> str | None:
+    """Finite logits that overflow the compute dtype once divided by the temperature: name both."""
+    sub = student if rows is None else student[rows]
+    if not sub.numel():
+        return None
+    cdt = torch.float64 if student.dtype == torch.float64 else torch.float32
+    peak = float(sub.detach().abs().amax().to(cdt))
+    if peak / temperature < torch.finfo(cdt).max:
+        return None
+    return (
+        f"{name} {shape_of(student)} overflow {cdt} once divided by temperature={temperature!r}: "
+        f"max |logit| = {peak:.3g}, / temperature = inf. Use a larger temperature or smaller logits."
+    )
+
+
 def check_actions(
     actions: torch.Tensor,
     batch_shape,
@@ -113,3 +130,30 @@ def check_finite_vector(name: str, x: torch.Tensor, shape: tuple, device) -> Non
         raise ValueError(f"device mismatch: {name} on {x.device}, expected {device}")
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} {shape_of(x)} contains NaN or inf")
+
+
+def first_order_only(name: str):
+    """Decorate an autograd Function's backward whose result is a closed form (not itself differentiable).
+
+    `torch.autograd.function.once_differentiable` refuses a second derivative only when an incoming gradient
+    requires grad; with `create_graph=True` and a constant upstream gradient it silently returns a backward that
+    autograd treats as constant, so Hessian-vector products drop the KL's Hessian. Autograd runs a backward
+    with grad mode on exactly when `create_graph=True`: refuse that, naming the function.
+    """
+
+    def wrap(backward):
+        def checked(ctx, *grads):
+            if torch.is_grad_enabled():
+                raise RuntimeError(
+                    f"{name} does not support second derivatives (backward with create_graph=True, "
+                    "torch.autograd.functional.hessian/hvp/jvp): its gradient is a closed form computed in the "
+                    f"forward pass. Use the plain-autograd reference (e.g. dense_kl_reference) for higher-order "
+                    "derivatives."
+                )
+            return backward(ctx, *grads)
+
+        checked.__name__ = getattr(backward, "__name__", "backward")
+        checked.__doc__ = backward.__doc__
+        return checked
+
+    return wrap

@@ -32,6 +32,8 @@ from ._checks import (
     check_mask,
     check_temperature,
     describe_nonfinite,
+    describe_temperature_overflow,
+    first_order_only,
     shape_of,
 )
 from ._logits import CHUNK_ELEMENTS, add_score_grad, compute_dtype, row_logsumexp, selected_logprob
@@ -141,13 +143,15 @@ class DenseKLFunction(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0] and grad_on  # grad mode is off inside forward: the caller says
         kl, grad = _IMPLS[backend](student, teacher, active, temperature, need_grad, teacher_floor)
         if not torch.isfinite(kl).all():  # one cheap check on [N]; the costly diagnosis only on failure
-            raise ValueError(_diagnose(student, teacher, active, kl, teacher_floor))
+            raise ValueError(_diagnose(student, teacher, active, kl, temperature))
         ctx.inplace = inplace
         ctx.consumed = False
         ctx.temperature = temperature
         logp = lse = None
         if actions is not None:
             lse = row_logsumexp(student, temperature, active)
+            if not torch.isfinite(lse).all():
+                raise ValueError(_diagnose(student, teacher, active, lse, temperature))
             logp = selected_logprob(student, actions, lse, temperature, active)
         if need_grad:  # the logits themselves are kept only when the score gradient will need them
             keep = actions is not None
@@ -155,7 +159,8 @@ class DenseKLFunction(torch.autograd.Function):
         return kl, logp
 
     @staticmethod
-    @once_differentiable  # the backward is closed-form: a second derivative through it would be wrong
+    @first_order_only("dense_kl")  # closed-form backward: a second derivative through it would be wrong
+    @once_differentiable
     def backward(ctx, grad_kl, grad_logp):
         if ctx.consumed:
             raise RuntimeError(
@@ -175,12 +180,15 @@ class DenseKLFunction(torch.autograd.Function):
         return out, None, None, None, None, None, None, None, None
 
 
-def _diagnose(student, teacher, active, kl, teacher_floor) -> str:
+def _diagnose(student, teacher, active, kl, temperature) -> str:
     rows = active
     for name, x in (("student_logits", student), ("teacher_logits", teacher)):
         msg = describe_nonfinite(name, x, rows)
         if msg:
             return msg
+    msg = describe_temperature_overflow(student, temperature, rows)
+    if msg:
+        return msg
     bad = (~torch.isfinite(kl)).nonzero()
     r = int(bad[0, 0]) if bad.numel() else -1
     return (
@@ -206,7 +214,8 @@ def dense_kl(
         student_logits: [..., V], any float dtype; receives the closed-form gradient.
         teacher_logits: [..., V] logits or log-probs (log_softmax is idempotent); never receives a gradient.
         temperature: the student's sampling temperature tau (the teacher is taken as given).
-        mask: [...] bool; False positions get KL 0 and gradient 0 and are not computed.
+        mask: [...] bool; False positions get KL 0 and gradient 0 and are not computed. An all-False mask
+            (a micro-batch without response tokens) is legal: KL 0 everywhere, zero gradient.
         backend: "auto" (Triton on CUDA, torch otherwise), "torch" or "triton".
         teacher_floor: None (an infinite KL is an error) or a log-probability at which log q is clamped.
         inplace_backward: scale the saved [N, V] gradient in place (saves memory; one backward only).

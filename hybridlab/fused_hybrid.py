@@ -22,10 +22,11 @@ upstream gradient is known, would need 4; it is not implemented here.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
-from ._checks import check_actions, check_float, check_mask, check_temperature, shape_of
+from ._checks import check_actions, check_float, check_mask, check_temperature, first_order_only, shape_of
 from .fused_linear import DEFAULT_CHUNK, _accumulate_mm, fused_linear_dense_kl
-from .hybrid import HybridLossOutput, _normalizer, assemble, check_batch
+from .hybrid import HybridLossOutput, _normalizer, assemble, check_batch, check_weights
 from .topk import TopKTeacher
 
 
@@ -68,6 +69,8 @@ class _FusedLinearLogprob(torch.autograd.Function):
         return logp
 
     @staticmethod
+    @first_order_only("the fused-linear hybrid loss")
+    @once_differentiable
     def backward(ctx, g):
         hidden, weight, bias, actions, active, lse = ctx.saved_tensors
         tau, chunk = ctx.tau, ctx.chunk
@@ -207,8 +210,9 @@ def fused_hybrid_loss(
 
     `teacher` is teacher logits [B, T, V] or (teacher_hidden [B, T, H'], teacher_weight [V, H'][, bias [V]])
     (then neither side's [B, T, V] logits exist). All other arguments and the returned `HybridLossOutput` are
-    those of `hybrid_loss` (`logratio` is filled only when `future` is "k1" or "k3", else zeros: it needs an
-    extra pass over the teacher's vocabulary; `grad_norms` is None).
+    those of `hybrid_loss` (an all-False mask gives loss 0 and zero gradients; `logratio` is filled only when
+    `future` is "k1" or "k3", else zeros: it needs an extra pass over the teacher's vocabulary; `grad_norms` is
+    None).
     """
     check_float("hidden", hidden)
     if hidden.dim() != 3:
@@ -219,6 +223,7 @@ def fused_hybrid_loss(
         b, t, v, hidden.device, actions, rewards, mask, seq_weights, baseline, future, gamma, "hidden"
     )
     tau = check_temperature(temperature)
+    check_weights(beta, lam)
     dtype = _cdt(hidden)
     c = _normalizer(normalize, mask, seq_weights, dtype)  # [B]
     zero = torch.zeros((), dtype=dtype, device=hidden.device)

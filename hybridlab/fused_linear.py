@@ -36,8 +36,17 @@ accumulator then lives only during backward).
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
-from ._checks import check_float, check_mask, check_temperature, check_tensor, describe_nonfinite, shape_of
+from ._checks import (
+    check_float,
+    check_mask,
+    check_temperature,
+    check_tensor,
+    describe_nonfinite,
+    first_order_only,
+    shape_of,
+)
 from .dense import _IMPLS as DENSE_IMPLS
 from .dense import resolve_backend
 from .topk import TopKTeacher, check_topk_teacher, teacher_log_tail, topk_kl_impl
@@ -275,6 +284,8 @@ class FusedLinearDenseKLFunction(torch.autograd.Function):
         return kl
 
     @staticmethod
+    @first_order_only("fused_linear_dense_kl")
+    @once_differentiable
     def backward(ctx, grad_kl):
         hidden, weight, bias, row_weights = ctx.saved_tensors
         teacher, active, tau, floor, backend, chunk_size, want = ctx.args

@@ -14,6 +14,7 @@ grad J exactly (the weights carry the probabilities, the 1/S is undone).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -104,7 +105,8 @@ def hybrid_loss(
         student_logits: [B, T, V]; row t produced actions[:, t] (the caller shifts).
         teacher_logits: [B, T, V] teacher logits or log-probs at the same states (no gradient).
         actions: [B, T] integer token ids; rewards: [B] task rewards R(x, y).
-        mask: [B, T] bool response tokens (padding False); default all True.
+        mask: [B, T] bool response tokens (padding False); default all True. All False (a micro-batch without
+            response tokens) is legal: loss 0 and zero gradient, not an error.
         beta, lam: weights of the KL and the reward in J (only lam / beta matters up to the step size).
         future: estimator of the future KL in the return: "analytic" | "k1" | "k3" | "none" (myopic control).
         gamma: discount of the future-KL sum; 1 is the exact objective, < 1 optimises a different one.
@@ -125,6 +127,7 @@ def hybrid_loss(
         b, t, v, dev, actions, rewards, mask, seq_weights, baseline, future, gamma, "student_logits"
     )
     tau = check_temperature(temperature)
+    check_weights(beta, lam)
 
     # Dense term: analytic KL per visited state (also the Rao-Blackwellised future estimate).
     kl, logp = dense_kl_and_logprobs(
@@ -149,6 +152,18 @@ def hybrid_loss(
     if parameters is not None:
         out.grad_norms = _part_grad_norms(out.dense, out.sparse, list(parameters))
     return out
+
+
+def check_weights(beta: float, lam: float) -> None:
+    """beta (teacher KL) and lam (reward) are finite and >= 0: a NaN gives a NaN loss, a negative beta maximises
+    the KL to the teacher, an infinite weight has no meaning (only lam / beta matters, up to the step size)."""
+    for name, value in (("beta", beta), ("lam", lam)):
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}") from None
+        if not (math.isfinite(x) and x >= 0.0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def check_batch(

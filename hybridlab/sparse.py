@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._checks import check_actions, check_tensor
+from ._checks import check_actions, check_tensor, first_order_only
 from ._logits import add_score_grad, row_logsumexp, selected_logprob
 
 FUTURE_ESTIMATORS = ("analytic", "k1", "k3", "none")
@@ -32,6 +32,7 @@ class _SelectedLogprob(torch.autograd.Function):
         return selected_logprob(z, actions, lse, temperature, active)
 
     @staticmethod
+    @first_order_only("selected_logprobs")
     @once_differentiable
     def backward(ctx, g):
         z, actions, lse, active = ctx.saved_tensors

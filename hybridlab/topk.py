@@ -15,9 +15,18 @@ bound, and it is tight when the student and teacher agree on the shape of the ta
 
 Numerics:
 - P_T is summed directly over the tail (never as 1 - P_top), so small tails keep their relative precision.
-- Q_T is computed as -expm1(logsumexp(lq)) in fp64 (exact for tails down to ~1e-16), then clamped from below
-  at `tail_floor` (default 1e-9): the top-k log-probabilities of real teachers are rounded and may sum to a
-  hair above 1. Raising Q_T only lowers P_T log(P_T / Q_T), so the clamp keeps the lower bound.
+- Real teachers send *rounded* log-probabilities (a bf16 model's top-k, an API's 4 decimals): their top-k
+  masses may sum to a hair above 1, and 1 - sum exp(lq) says nothing about a tail smaller than that rounding.
+  Each given lq_k lies within delta_k of the exact value, where delta_k is the input's resolution
+  (`logprob_precision`: inferred from the values by default; see `logprob_resolution`). The exact tail mass is
+  then at most Q_T^up = max(1 - sum exp(lq), 0) + sum_k exp(lq_k) (1 - exp(-delta_k)), and that is what we use:
+  a larger Q_T only lowers P_T log(P_T / Q_T), and the top-k terms move by at most sum_k p_k delta_k. Hence
+
+        dense_kl_topk  <=  KL(p || q_full) + sum_k p_{i_k} delta_k  <=  KL(p || q_full) + max_k delta_k
+
+  for every full teacher consistent with the given (rounded) top-k: the slack is the size of the input's own
+  rounding (about 0.004 |lq| for bf16, 5e-5 for 4 decimals, 6e-8 |lq| for fp32). Errors made *before* the
+  rounding (e.g. the teacher's own log-sum-exp) are not covered. `tail_floor` is an optional extra lower clamp.
 - Teacher log-probability -inf at a top-k token where the student has mass gives an infinite KL: an error.
 
 `dense_kl_topk_renormalized` (renormalise both sides over the top-k ids) is offered for comparison only: it is
@@ -29,12 +38,27 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
-from ._checks import check_float, check_mask, check_temperature, check_tensor, describe_nonfinite, shape_of
+from ._checks import (
+    check_float,
+    check_mask,
+    check_temperature,
+    check_tensor,
+    describe_nonfinite,
+    describe_temperature_overflow,
+    first_order_only,
+    shape_of,
+)
 from .dense import TORCH_CHUNK_ELEMENTS, compute_dtype, resolve_backend
 
-# Floor on the teacher's tail mass Q_T (see the module docstring: it keeps the lower bound).
-TAIL_FLOOR = 1e-9
+# Unit roundoff (half an ulp, relative) of the formats teachers send log-probabilities in.
+UNIT_ROUNDOFF = {
+    torch.bfloat16: 2.0**-8,
+    torch.float16: 2.0**-11,
+    torch.float32: 2.0**-24,
+    torch.float64: 2.0**-53,
+}
 # A row whose top-k probabilities sum above 1 + this is not a set of log-probabilities (logits passed?).
 MASS_TOLERANCE = 0.02
 
@@ -46,14 +70,87 @@ class TopKTeacher(NamedTuple):
     ids: torch.Tensor
 
 
-def teacher_log_tail(lq: torch.Tensor, tail_floor: float = TAIL_FLOOR) -> torch.Tensor:
-    """[N, K] top-k log-probabilities -> [N] fp32 log Q_T, Q_T = max(1 - sum exp(lq), tail_floor).
+def _representable_in(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    return bool((x.to(dtype).to(x.dtype) == x).all())
 
-    -expm1(logsumexp) in fp64: exact even when the top-k holds all but 1e-12 of the mass.
+
+def _decimal_places(x: torch.Tensor) -> int | None:
+    """The number of decimals d if every value is a multiple of 10^-d (and some value needs all d), else None.
+
+    Only d whose step is well above the storage precision counts, so ordinary fp32 values are never mistaken
+    for rounded decimals."""
+    x64 = x.to(torch.float64)
+    err = x64.abs() * torch.finfo(x.dtype).eps  # storage error of a rounded decimal, per value
+    for d in range(1, 9):
+        step = 10.0**-d
+        tol = err / step  # in units of the step
+        if float(tol.max()) > 0.1:  # the step is too fine for this storage to tell
+            return None
+        scaled = x64 / step
+        if ((scaled - scaled.round()).abs() <= tol).all():
+            coarser = scaled / 10
+            return d if ((coarser - coarser.round()).abs() > tol / 10).any() else None
+    return None
+
+
+def logprob_resolution(
+    lq: torch.Tensor, precision: str | torch.dtype | float = "auto", active: torch.Tensor | None = None
+) -> torch.Tensor:
+    """delta [N, K] fp64: how far each given top-k log-probability may lie from the exact one (its rounding).
+
+    precision: a float (absolute: 5e-5 for log-probs given to 4 decimals); a dtype (the format the values were
+    rounded to, e.g. torch.bfloat16 for a bf16 teacher's log-probs stored in fp32); or "auto": the coarsest
+    resolution the finite nonzero values are consistent with (rounded decimals, else bf16 or fp16 if every
+    value is exactly representable there, else the tensor's own dtype). Guessing too coarse only loosens the
+    bound; guessing too fine would break it, hence the coarsest consistent guess. Decimals finer than the
+    storage can show (6 decimals in fp32) are not recognised: pass the resolution explicitly then.
     """
-    lse = torch.logsumexp(lq.to(torch.float64), dim=-1)
-    q_tail = (-torch.expm1(lse)).clamp_min(tail_floor)
-    return q_tail.log().to(torch.float32 if lq.dtype != torch.float64 else torch.float64)
+    lq64 = lq.to(torch.float64).abs()
+    if isinstance(precision, (int, float)) and not isinstance(precision, bool):
+        if not (0.0 < float(precision) < 1.0):
+            raise ValueError(f"logprob_precision as a number must lie in (0, 1), got {precision!r}")
+        return torch.full_like(lq64, float(precision))
+    if precision == "auto":
+        rows = lq if active is None else lq[active]
+        seen = rows[torch.isfinite(rows) & (rows != 0)]
+        # Every format the values are consistent with; the coarsest wins (bf16 values are also short decimals).
+        formats = (torch.bfloat16, torch.float16, torch.float32)
+        fmt = next((dt for dt in formats if _representable_in(seen, dt)), lq.dtype)
+        delta = logprob_resolution(lq, fmt)
+        d = _decimal_places(seen) if seen.numel() and lq.dtype in (torch.float32, torch.float64) else None
+        return delta if d is None else delta.clamp_min(0.5 * 10.0**-d)
+    if precision not in UNIT_ROUNDOFF:
+        raise ValueError(
+            f"logprob_precision must be 'auto', a float dtype {list(UNIT_ROUNDOFF)} or a positive number "
+            f"(the absolute resolution), got {precision!r}"
+        )
+    u = UNIT_ROUNDOFF[precision]
+    tiny = torch.finfo(precision).tiny
+    return (lq64 * (u / (1 - u))).clamp_min(tiny)
+
+
+def teacher_log_tail(
+    lq: torch.Tensor,
+    precision: str | torch.dtype | float = "auto",
+    tail_floor: float | None = None,
+    active: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[N, K] top-k log-probabilities -> [N] log Q_T^up, an upper bound on the teacher's exact tail mass.
+
+    Q_T^up = max(1 - sum exp(lq), 0) + sum_k exp(lq_k) (1 - exp(-delta_k)), delta = `logprob_resolution`
+    (see the module docstring: using an upper bound on the tail keeps the lower bound on the KL), then at least
+    `tail_floor` if given; `active` [N] bool restricts the "auto" precision guess to counted rows (padding may
+    hold placeholders). -expm1(logsumexp) in fp64: exact even when the top-k holds all but 1e-12 of the mass.
+    Returned in fp32 (fp64 for fp64 log-probs).
+    """
+    lq64 = lq.to(torch.float64)
+    delta = logprob_resolution(lq, precision, active)
+    q_tail = (-torch.expm1(torch.logsumexp(lq64, dim=-1))).clamp_min(0.0)
+    slack = (lq64.exp() * -torch.expm1(-delta)).sum(-1)
+    q_up = q_tail + slack
+    if tail_floor is not None:
+        q_up = q_up.clamp_min(tail_floor)
+    return q_up.log().to(torch.float32 if lq.dtype != torch.float64 else torch.float64)
 
 
 def _topk_torch_impl(
@@ -117,13 +214,15 @@ class TopKKLFunction(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0] and grad_enabled
         kl, grad = _IMPLS[backend](student, lq, ids, log_qt, active, temperature, need_grad)
         if not torch.isfinite(kl).all():
-            raise ValueError(_diagnose(student, lq, active, kl))
+            raise ValueError(_diagnose(student, lq, active, kl, temperature))
         ctx.consumed = False
         if need_grad:
             ctx.save_for_backward(grad)
         return kl
 
     @staticmethod
+    @first_order_only("dense_kl_topk")
+    @once_differentiable
     def backward(ctx, grad_kl):
         if ctx.consumed:
             raise RuntimeError("dense_kl_topk's saved gradient was already used (it is scaled in place)")
@@ -133,8 +232,10 @@ class TopKKLFunction(torch.autograd.Function):
         return grad.mul_(scale), None, None, None, None, None, None, None
 
 
-def _diagnose(student, lq, active, kl) -> str:
-    msg = describe_nonfinite("student_logits", student, active)
+def _diagnose(student, lq, active, kl, temperature) -> str:
+    msg = describe_nonfinite("student_logits", student, active) or describe_temperature_overflow(
+        student, temperature, active
+    )
     if msg:
         return msg
     bad = (~torch.isfinite(kl)).nonzero()
@@ -236,25 +337,33 @@ def dense_kl_topk(
     temperature: float = 1.0,
     mask: torch.Tensor | None = None,
     backend: str = "auto",
-    tail_floor: float = TAIL_FLOOR,
+    logprob_precision: str | torch.dtype | float = "auto",
+    tail_floor: float | None = None,
 ) -> torch.Tensor:
     """Tail-bucket KL(student || top-k teacher) per position: a lower bound on the full-vocabulary KL.
+
+    The bound holds up to the rounding of the given log-probabilities: value <= KL + sum_k p_k delta_k, where
+    delta_k is their resolution (see the module docstring). Rounded input is accepted, never refused.
 
     Args:
         student_logits: [..., V] float; receives the closed-form gradient.
         teacher_topk_logprobs: [..., K] teacher log-probabilities (<= 0) at `teacher_topk_ids`; no gradient.
         teacher_topk_ids: [..., K] integer token ids in [0, V), distinct within a row.
         temperature: the student's sampling temperature tau.
-        mask: [...] bool; False positions get KL 0 and gradient 0 and are not computed.
+        mask: [...] bool; False positions get KL 0 and gradient 0 and are not computed. An all-False mask
+            (a micro-batch without response tokens) is legal: KL 0 everywhere, zero gradient.
         backend: "auto" (Triton on CUDA, torch otherwise), "torch" or "triton".
-        tail_floor: lower clamp on the teacher's tail mass 1 - sum exp(logprobs) (keeps the bound).
+        logprob_precision: how precise the given log-probabilities are: "auto" (inferred from the values),
+            the dtype they were rounded to (e.g. torch.bfloat16), or an absolute resolution (5e-5 for 4
+            decimals). It sets the upper bound used for the teacher's tail mass.
+        tail_floor: optional extra lower clamp on the teacher's tail mass (raising it keeps the bound).
 
     Returns:
         [...] KL in fp32 (fp64 for fp64 student logits).
     """
     ids = check_topk_inputs(student_logits, teacher_topk_logprobs, teacher_topk_ids, mask)
     tau = check_temperature(temperature)
-    if not (0.0 < tail_floor < 1.0):
+    if tail_floor is not None and not (0.0 < tail_floor < 1.0):
         raise ValueError(f"tail_floor must lie in (0, 1), got {tail_floor!r}")
     name = resolve_backend(backend, student_logits.device)
     batch_shape = student_logits.shape[:-1]
@@ -263,7 +372,7 @@ def dense_kl_topk(
     lq = teacher_topk_logprobs.detach().reshape(-1, k)
     ids = ids.reshape(-1, k)
     active = None if mask is None else mask.reshape(-1)
-    log_qt = teacher_log_tail(lq, tail_floor)
+    log_qt = teacher_log_tail(lq, logprob_precision, tail_floor, active)
     if z.dtype == torch.float64:
         log_qt = log_qt.double()
     kl = TopKKLFunction.apply(z, lq, ids, log_qt, active, tau, name, torch.is_grad_enabled())
@@ -275,15 +384,20 @@ def dense_kl_topk_reference(
     teacher_topk_logprobs: torch.Tensor,
     teacher_topk_ids: torch.Tensor,
     temperature: float = 1.0,
-    tail_floor: float = TAIL_FLOOR,
+    logprob_precision: str | torch.dtype | float = "auto",
+    tail_floor: float | None = None,
 ) -> torch.Tensor:
-    """The tail-bucket KL by plain autograd (gather + logsumexp), for tests: [..., V], [..., K] -> [...]."""
+    """The tail-bucket KL by plain autograd (gather + logsumexp), for tests: [..., V], [..., K] -> [...].
+
+    The teacher's tail mass is the same constant as in `dense_kl_topk` (`teacher_log_tail`)."""
     cdt = compute_dtype(student_logits, teacher_topk_logprobs)
     logp = torch.log_softmax(student_logits.to(cdt) / temperature, dim=-1)
     logp_k = logp.gather(-1, teacher_topk_ids)
     logp_t = logp.scatter(-1, teacher_topk_ids, float("-inf")).logsumexp(-1)
     lq = teacher_topk_logprobs.to(cdt)
-    log_qt = (-torch.expm1(torch.logsumexp(lq.double(), -1))).clamp_min(tail_floor).log().to(cdt)
+    k = lq.shape[-1]
+    log_qt = teacher_log_tail(lq.reshape(-1, k), logprob_precision, tail_floor)
+    log_qt = log_qt.reshape(lq.shape[:-1]).to(cdt)
     p_k, p_t = logp_k.exp(), logp_t.exp()
     live_k, live_t = p_k > 0, p_t > 0
     r_k = torch.where(live_k, logp_k, 0.0) - torch.where(live_k, lq, 0.0)

@@ -186,3 +186,12 @@ def test_dense_kl_and_logprobs_validates_actions():
         dense_kl_and_logprobs(z, t, torch.full((2, 3), 5))
     kl, logp = dense_kl_and_logprobs(z, t, torch.zeros(2, 3, dtype=torch.long))
     torch.testing.assert_close(logp, torch.log_softmax(z, -1)[..., 0])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_finite_logits_that_overflow_at_the_temperature_are_blamed_on_the_student(backend):
+    z = torch.randn(3, 6)
+    z[1, 2] = 3e38  # finite in fp32; / 0.5 is inf
+    with pytest.raises(ValueError, match=r"student_logits \[3, 6\] overflow .* temperature=0.5"):
+        dense_kl(z, torch.randn(3, 6), temperature=0.5, backend=backend)
+    assert torch.isfinite(dense_kl(z, torch.randn(3, 6), temperature=2.0, backend=backend)).all()
