@@ -41,6 +41,7 @@ args = HybridGRPOConfig(
     save_strategy="no",
     report_to="none",
     use_cpu=True,
+    bf16=False,
 )
 trainer = HybridGRPOTrainer(
     model=student,

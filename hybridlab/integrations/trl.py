@@ -552,7 +552,8 @@ class HybridGRPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         world = self.accelerator.num_processes
         stats = self.accelerator.reduce(stats, reduction="sum")
-        steps = self.current_gradient_accumulation_steps if mode == "train" else 1
+        steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        steps = steps if mode == "train" else 1
         n_seq, n_tok = float(stats[3]), float(stats[4])
         # dense / sparse: this micro-batch's share of the window's loss, times the window's micro-batches
         self._metrics[mode]["hybrid/dense"].append(float(stats[0]) / world * steps)
