@@ -4,11 +4,21 @@ The gradient of  J = E[lam R] - beta KL(pi_theta || pi_T)  splits exactly into a
 full-vocabulary, `dense_kl`) and a sparse part (Monte Carlo, reward plus future KL); `hybrid_loss` is their sum.
 """
 
-from .dense import dense_kl, dense_kl_and_logprobs, dense_kl_reference
-from .fused_linear import fused_linear_dense_kl
-from .hybrid import HybridLossOutput, hybrid_loss
-from .sparse import future_sum, group_loo_mean, kl_estimate, selected_logprobs
-from .topk import TopKTeacher, dense_kl_topk, dense_kl_topk_renormalized, topk_from_logits
+_EXPORTS = {
+    "dense_kl": "dense", "dense_kl_and_logprobs": "dense", "dense_kl_reference": "dense",
+    "fused_linear_dense_kl": "fused_linear", "HybridLossOutput": "hybrid", "hybrid_loss": "hybrid",
+    "future_sum": "sparse", "group_loo_mean": "sparse", "kl_estimate": "sparse", "selected_logprobs": "sparse",
+    "TopKTeacher": "topk", "dense_kl_topk": "topk", "dense_kl_topk_renormalized": "topk", "topk_from_logits": "topk",
+}  # fmt: skip
+
+
+def __getattr__(name: str):  # torch loads on first use: `python -m hybridlab.train --help` answers at once
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 

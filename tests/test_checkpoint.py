@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hybridlab.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from hybridlab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 
 def _make():

@@ -19,10 +19,9 @@ from hybridlab.train import (
     load_prompts,
     main,
     make_scheduler,
-    parse_overrides,
+    response_logits,
     response_mask,
 )
-from hybridlab.trainer import response_logits
 
 
 @pytest.fixture(scope="module")
@@ -48,16 +47,23 @@ def test_config_yaml_and_overrides(tmp_path):
     p.write_text(
         yaml.safe_dump({"student": "s", "teacher": "t", "prompts": "p.jsonl", "lr": 1e-4, "steps": 7})
     )
-    cfg = load_config(p, ["lr=1e-5", "bf16=false", "teacher_floor=-30", "normalize=2", "output_dir=runs/x"])
-    assert cfg.lr == 1e-5 and isinstance(cfg.lr, float)  # YAML 1.1 reads "1e-5" as a string: coerced
+    cfg = load_config(p, ["--lr", "1e-5", "--bf16", "false", "--teacher_floor", "-30", "--normalize", "2",
+                          "--output_dir", "runs/x"])  # fmt: skip
+    assert cfg.lr == 1e-5 and isinstance(cfg.lr, float)
     assert cfg.bf16 is False and cfg.teacher_floor == -30.0 and cfg.steps == 7
-    assert cfg.normalize == 2.0 and isinstance(cfg.normalize, float)
-    assert load_config(p, ["normalize=tokens", "teacher_floor=null"]).normalize == "tokens"
-    assert load_config(p, ["teacher_floor=null"]).teacher_floor is None
-    assert parse_overrides(["reward=my.mod:fn", "max_prompt_tokens=512"]) == {
-        "reward": "my.mod:fn",
-        "max_prompt_tokens": 512,
-    }
+    assert cfg.normalize_value == 2.0 and isinstance(cfg.normalize_value, float)
+    assert load_config(p, ["--normalize", "tokens"]).normalize_value == "tokens"
+    assert load_config(p).teacher_floor is None
+    c = load_config(p, ["--reward", "my.mod:fn", "--max-prompt-tokens", "512"])  # dashes work too
+    assert (c.reward, c.max_prompt_tokens) == ("my.mod:fn", 512)
+    p.write_text(
+        "student: s\nteacher: t\nprompts: p.jsonl\nlr: 1e-5\nsteps: 7\n"
+    )  # YAML 1.1: "1e-5" is a string
+    assert load_config(p).lr == 1e-5
+    # presets sit under the YAML file and the flags
+    r = load_config(p, ["--lam", "3"], preset="rl_only")
+    assert (r.beta, r.lam, r.baseline, r.future) == (0.0, 3.0, "reward_group", "none")
+    assert load_config(p, ["--beta", "0.5"], preset="rl_only").beta == 0.5
     # the shipped configs parse
     for name in ("tiny_cpu", "example_gpu"):
         c = load_config(f"configs/{name}.yaml")
@@ -67,22 +73,25 @@ def test_config_yaml_and_overrides(tmp_path):
 @pytest.mark.parametrize(
     "overrides, words",
     [
-        (["lamda=0.5"], ["lamda", "did you mean", "'lam'"]),
-        (["gamma=1.5"], ["gamma", "1.5"]),
-        (["future=k2"], ["future", "'k2'", "analytic"]),
-        (["normalize=mean"], ["normalize", "'mean'"]),
-        (["normalize=-1"], ["normalize", "-1"]),
-        (["lr=fast"], ["lr", "'fast'", "number"]),
-        (["bf16=maybe"], ["bf16", "maybe"]),
-        (["steps=0"], ["steps", "0"]),
-        (["steps=2.5"], ["steps", "2.5", "integer"]),
-        (["samples_per_prompt=1"], ["samples_per_prompt", "return_group"]),
-        (["grad_accum=3"], ["prompts_per_step=8", "grad_accum=3"]),
-        (["group_size=3"], ["group_size=3", "samples_per_prompt=4"]),
-        (["temperature=0"], ["temperature", "0"]),
-        (["teacher_floor=5"], ["teacher_floor", "5"]),
-        (["student="], ["student"]),
-        (["lr"], ["key=value"]),
+        (["--lamda", "0.5"], ["lamda", "did you mean", "'lam'"]),
+        (["--stpes", "3"], ["stpes", "did you mean", "'steps'"]),
+        (["--gamma", "1.5"], ["gamma", "1.5"]),
+        (["--future", "k2"], ["future", "'k2'", "analytic"]),
+        (["--normalize", "mean"], ["normalize", "'mean'"]),
+        (["--normalize", "-1"], ["normalize", "-1"]),
+        (["--lr", "fast"], ["lr", "'fast'", "float"]),
+        (["--bf16", "maybe"], ["bf16", "maybe"]),
+        (["--steps", "0"], ["steps", "0"]),
+        (["--steps", "2.5"], ["steps", "2.5", "int"]),
+        (["--samples_per_prompt", "1"], ["samples_per_prompt", "return_group"]),
+        (["--grad_accum", "3"], ["prompts_per_step=8", "grad_accum=3"]),
+        (["--group_size", "3"], ["group_size=3", "samples_per_prompt=4"]),
+        (["--temperature", "0"], ["temperature", "0"]),
+        (["--teacher_floor", "5"], ["teacher_floor", "5"]),
+        (["--student", ""], ["student"]),
+        (["--teacher_prompt", "no field"], ["teacher_prompt", "{prompt}"]),
+        (["--loss", "sft", "--fused_linear", "true"], ["fused_linear", "sft"]),
+        (["lr=1e-5"], ["--lr 1e-5"]),
     ],
 )
 def test_config_bad_values_name_the_key(tmp_path, overrides, words):
@@ -101,6 +110,32 @@ def test_config_file_errors(tmp_path):
     p.write_text("- a\n- b\n")
     with pytest.raises(ValueError, match="mapping"):
         load_config(p)
+    p.write_text("student: s\nlamda: 1\n")
+    with pytest.raises(ValueError, match="unknown config .* key 'lamda'; did you mean 'lam'"):
+        load_config(p)
+
+
+def test_cli_answers_before_loading_torch(tmp_path):
+    """A typo costs no torch / transformers import: the arguments are checked first."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom hybridlab.train import parse_args\n"
+        "try:\n    parse_args(['--stpes', '3'])\nexcept ValueError as e:\n    print(e)\n"
+        "print('torch' in sys.modules, 'transformers.modeling_utils' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "did you mean 'steps'?" in out and out.strip().endswith("False False"), out
+
+
+def test_loader_constants_match_the_loss():
+    from hybridlab.hybrid import NORMALIZATIONS
+    from hybridlab.sparse import FUTURE_ESTIMATORS
+    from hybridlab.train.config import Future
+
+    assert set(FUTURE_ESTIMATORS) == set(Future.__args__)
+    assert tuple(NORMALIZATIONS) == tuple(__import__("hybridlab.train.config").train.config.NORMALIZATIONS)
 
 
 def test_prompts_file_errors(tmp_path):
@@ -203,7 +238,7 @@ def test_smoke_run_writes_metrics_checkpoints_and_model(tiny, tmp_path):
     cfg = _cfg(tiny, tmp_path, arch="qwen2", checkpoint_every=2, steps=4)
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump({k: v for k, v in cfg.__dict__.items()}))
-    summary = main(["--config", str(p), "tensorboard=true"])  # the CLI, in-process
+    summary = main(["--config", str(p), "--tensorboard", "true"])  # the CLI, in-process
     run = tmp_path / "run"
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -220,16 +255,26 @@ def test_smoke_run_writes_metrics_checkpoints_and_model(tiny, tmp_path):
     assert final.config.model_type == "qwen2"
     with pytest.raises(ValueError, match="already has checkpoints"):  # never silently overwrites a run
         main(["--config", str(p)])
+    # --resume of a finished run says so and trains nothing
+    again = main(["--config", str(p), "--resume"])
+    assert again["steps"] == 4 and again["complete"]
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
 
 
 def test_resume_continues_to_the_same_result(tiny, tmp_path):
-    straight, s1 = _run(tiny, tmp_path / "a", steps=4, checkpoint_every=2)
+    straight, s1 = _run(tiny, tmp_path / "a", steps=4, checkpoint_every=2, keep_checkpoints=1)
     params_2 = None
     interrupted, s2 = _run(tiny, tmp_path / "b", steps=4, stop_after=2)
     assert not s2["complete"] and s2["steps"] == 2 and s2["final_model"] is None
     params_2 = {k: v.clone() for k, v in interrupted.model.state_dict().items()}
+    stale = tmp_path / "b" / "checkpoints" / ".step-00000003.tmp-999"  # a kill during a checkpoint write
+    stale.mkdir()
     resumed, s3 = _run(tiny, tmp_path / "b", steps=4, resume=True)
     assert s3["steps"] == 4 and s3["steps_this_run"] == 2 and s3["complete"]
+    assert not stale.exists()  # cleaned on resume
+    assert s1["checkpoints"] == [
+        str(tmp_path / "a" / "checkpoints" / "step-00000004")
+    ]  # step 2 was rotated out
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical on CPU
     assert any(not torch.equal(a[k], params_2[k]) for k in a)  # and steps 3-4 did change the weights
@@ -240,7 +285,7 @@ def test_resume_continues_to_the_same_result(tiny, tmp_path):
 
 
 def _run(tiny, out, resume=False, **kw):
-    from hybridlab.train import run
+    from hybridlab.train.loop import run
 
     cfg = _cfg(tiny, out, output_dir=str(out), **kw)
     return run(cfg, resume=resume)
@@ -252,7 +297,9 @@ def test_fused_linear_matches_materialised_gradients(tiny, tmp_path, arch, futur
     ref = Trainer(_cfg(tiny, tmp_path, arch=arch, future=future, fused_linear=False))
     ros = ref.generate()
     # alignment: row t of the teacher's logits produced response token t (trainer.response_logits convention)
-    assert torch.allclose(ref.teacher_inputs(ros[0]), response_logits(ref.teacher, ros[0]), atol=1e-6)
+    assert torch.allclose(
+        ref.teacher_inputs(ros[0]), response_logits(ref.teacher, ros[0], teacher=True), atol=1e-6
+    )
     m_ref = ref.train_step(rollouts=ros, keep_grads=True)
     fused = Trainer(_cfg(tiny, tmp_path, arch=arch, future=future, fused_linear=True, fused_chunk=5))
     m_fused = fused.train_step(rollouts=ros, keep_grads=True)
@@ -311,30 +358,6 @@ def test_teacher_with_another_tokenizer_is_refused(tiny, tmp_path):
     assert str(other) in str(e.value)
 
 
-def test_sampling_ignores_the_models_generation_defaults(tiny, tmp_path):
-    """A model folder's generation_config.json (top_k, repetition penalty...) must not reshape the rollout
-    distribution away from softmax(z / tau), the policy the loss differentiates."""
-    import shutil
-
-    from transformers import GenerationConfig
-
-    student = tmp_path / "student_with_defaults"
-    shutil.copytree(tiny["llama"]["student"], student)
-    GenerationConfig(
-        do_sample=True, top_k=3, top_p=0.5, repetition_penalty=2.0, eos_token_id=2
-    ).save_pretrained(student)
-    tr = Trainer(_cfg(tiny, tmp_path, student=str(student), temperature=0.7))
-    gc, _ = tr.model._prepare_generation_config(tr.gen_config)
-    assert (gc.do_sample, gc.temperature, gc.top_k, gc.top_p, gc.repetition_penalty) == (
-        True,
-        0.7,
-        0,
-        1.0,
-        1.0,
-    )
-    assert tr.train_step()["tokens"] > 0
-
-
 def test_gradient_checkpointing_gives_the_same_gradients(tiny, tmp_path):
     ref = Trainer(_cfg(tiny, tmp_path))
     ros = ref.generate()
@@ -354,6 +377,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny, tmp_path):
 def test_bf16_autocast_paths(tiny, tmp_path):
     """The CUDA bf16 set-up (fp32 master weights under bf16 autocast, bf16 teacher), run on CPU autocast: both
     loss paths run, cast consistently, and agree to bf16 precision."""
+    from hybridlab.train.loop import coefficients
+
     tr = Trainer(_cfg(tiny, tmp_path))
     ros = tr.generate()
     tr.teacher.to(torch.bfloat16)
@@ -362,7 +387,7 @@ def test_bf16_autocast_paths(tiny, tmp_path):
         tr.cfg.fused_linear = fused
         tr.optimizer.zero_grad(set_to_none=True)
         for ro in ros:
-            c = tr._coefficients(ro, 8.0, 1.0)
+            c = coefficients(tr.cfg.normalize_value, ro.mask, ro.keep, 8.0, 1.0)
             t_in = tr.teacher_inputs(ro)
             assert (t_in[0] if fused else t_in).dtype == torch.bfloat16
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -380,17 +405,15 @@ def test_bf16_autocast_paths(tiny, tmp_path):
 
 
 def test_resume_refuses_a_changed_config():
-    from hybridlab.train import _check_same_run
+    from hybridlab.train.checkpoint import check_same_run
 
     saved = {"lam": 1.0, "beta": 1.0, "progress": True}
-    _check_same_run(saved, {"lam": 1.0, "beta": 1.0, "progress": False}, "ck")  # display-only keys may change
+    check_same_run(saved, {"lam": 1.0, "beta": 1.0, "progress": False}, "ck")  # display-only keys may change
     with pytest.raises(ValueError, match=r"lam: 1.0 -> 2.0"):
-        _check_same_run(saved, {"lam": 2.0, "beta": 1.0, "progress": True}, "ck")
+        check_same_run(saved, {"lam": 2.0, "beta": 1.0, "progress": True}, "ck")
 
 
 def test_a_non_finite_gradient_is_refused_before_the_update(tiny, tmp_path):
-    from hybridlab.train import Trainer
-
     tr = Trainer(_cfg(tiny, tmp_path))
     before = [p.detach().clone() for p in tr.model.parameters()]
     ro = tr.generate()

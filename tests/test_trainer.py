@@ -1,4 +1,5 @@
-"""HybridTrainer: logits alignment (row t produced token t), every method's step, configs, shipped checkpoints."""
+"""The Trainer in-process (notebooks, the method comparison): logits alignment (row t produced token t), every
+method's step, presets, resume with evaluation history, shipped checkpoints."""
 
 import json
 
@@ -7,18 +8,22 @@ import torch
 
 from hybridlab import dense_kl, hybrid_loss
 from hybridlab.models import build_model, build_tokenizer, load_meta, load_model_dir
-from hybridlab.scripts.compare import format_table, summarize
-from hybridlab.tasks import DATA_DIR, make_splits
-from hybridlab.trainer import (
+from hybridlab.rewards import load_reward
+from hybridlab.scripts.compare import format_table, samples_to_threshold, summarize
+from hybridlab.tasks import DATA_DIR, TASKS, make_splits
+from hybridlab.train import (
     METHODS,
-    HybridTrainer,
-    TrainerConfig,
+    TrainConfig,
+    Trainer,
     response_logits,
     sample,
     sampled_opd_loss,
-    samples_to_threshold,
     teacher_forcing_rollout,
 )
+from hybridlab.train.data import as_row
+from hybridlab.train.rollout import assemble
+
+REV = "hybridlab.rewards:reverse"
 
 PROMPTS = ["12=", "4567=", "908+1=", "3="]  # different lengths: left padding is exercised
 
@@ -45,7 +50,7 @@ def test_row_t_produced_token_t(arch, temperature, tok):
     """hybrid_loss's sampled log-probs on the trainer's logits == an independent token-by-token forward."""
     model = build_model(arch, "tiny", vocab_size=len(tok), seed=2)
     torch.manual_seed(0)
-    ro = sample(model, tok, "reverse", PROMPTS, temperature=temperature, max_new_tokens=6)
+    ro = sample(model, tok, PROMPTS, reward=REV, temperature=temperature, max_new_tokens=6)
     logits = response_logits(model, ro)
     assert logits.shape == (*ro.actions.shape, len(tok))
     # uniform teacher: hybrid_loss's logratio = log pi(y_t) - log(1/V)
@@ -78,9 +83,8 @@ def test_rollout_matches_generate_logits(tok):
     g = model.generate(
         **enc, do_sample=True, top_k=0, max_new_tokens=5, return_dict_in_generate=True, output_logits=True
     )
-    from hybridlab.trainer import make_rollout
-
-    ro = make_rollout(tok, "reverse", PROMPTS, g.sequences[:, enc["input_ids"].shape[1] :], enc, 1.0)
+    tokens = g.sequences[:, enc["input_ids"].shape[1] :]
+    ro = assemble(tok, [as_row(p) for p in PROMPTS], enc, tokens, load_reward(REV), [tok.eos_token_id], 1.0)
     with torch.no_grad():
         ours = response_logits(model, ro)
     gen = torch.stack(g.logits, 1)
@@ -88,7 +92,7 @@ def test_rollout_matches_generate_logits(tok):
 
 
 def test_teacher_forcing_rollout_layout(tok):
-    ro = teacher_forcing_rollout(tok, "reverse", ["12=", "345="], ["21", "543"])
+    ro = teacher_forcing_rollout(tok, ["12=", "345="], ["21", "543"], reward=REV)
     assert ro.texts == ["21", "543"] and ro.rewards.tolist() == [1.0, 1.0]
     assert ro.mask.sum(1).tolist() == [3, 4]  # answer + EOS
     assert ro.actions[0, 2] == tok.eos_token_id
@@ -111,92 +115,94 @@ def test_sampled_opd_expected_gradient_is_dense_gradient():
 
 
 def test_config_presets_and_errors():
-    c = TrainerConfig.for_method("dense_only", lam=3.0, beta=2.0)
-    assert (c.lam, c.beta, c.future, c.baseline) == (0.0, 2.0, "none", "none")
-    r = TrainerConfig.for_method("rl_only", lam=3.0)
+    c = TrainConfig.preset("dense_only", lam=3.0, beta=2.0)
+    assert (c.lam, c.beta, c.future, c.baseline, c.loss) == (0.0, 2.0, "none", "none", "hybrid")
+    r = TrainConfig.preset("rl_only", lam=3.0)
     assert (r.lam, r.beta, r.baseline) == (3.0, 0.0, "reward_group")
-    h = TrainerConfig.for_method("hybrid")
-    assert (h.future, h.baseline, h.gamma) == ("analytic", "return_group", 1.0)
-    with pytest.raises(ValueError, match="method must be one of"):
-        TrainerConfig.for_method("ppo")
-    with pytest.raises(ValueError, match="needs future='analytic'"):
-        TrainerConfig(method="hybrid", future="none").validate()
-    with pytest.raises(ValueError, match="group_size"):
-        TrainerConfig.for_method("hybrid", samples_per_prompt=1).validate()
+    h = TrainConfig.preset("hybrid")
+    assert (h.future, h.baseline, h.gamma, h.loss) == ("analytic", "return_group", 1.0, "hybrid")
+    assert TrainConfig.preset("sft").loss == "sft" and TrainConfig.preset("opd_sampled").gamma == 0.0
+    with pytest.raises(ValueError, match="preset must be one of"):
+        TrainConfig.preset("ppo")
+    with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
+        TrainConfig.preset("hybrid", samples_per_prompt=1).validate(("student", "teacher", "prompts"))
     with pytest.raises(ValueError, match="must equal samples_per_prompt"):
-        TrainerConfig.for_method("hybrid", group_size=3, samples_per_prompt=4).validate()
+        TrainConfig.preset("hybrid", group_size=3, samples_per_prompt=4).validate(
+            ("student", "teacher", "prompts")
+        )
 
 
-def _trainer(method: str, tok, teacher=None, **kw) -> HybridTrainer:
+def _trainer(method: str, tok, teacher=None, reward=REV, **kw) -> Trainer:
     student = build_model("llama", "tiny", vocab_size=len(tok), seed=0)
     teacher = teacher or build_model("llama", "tiny", vocab_size=len(tok), seed=1)
     splits = make_splits("reverse", 3000, 200, seed=0)
-    kw = {"batch_prompts": 3, "samples_per_prompt": 2, "eval_prompts": 6, "lr": 1e-3, **kw}
-    cfg = TrainerConfig.for_method(method, seed=0, progress=False, **kw)
-    return HybridTrainer(student, teacher, tok, "reverse", cfg, [r["prompt"] for r in splits["train"]],
-                         [r["prompt"] for r in splits["eval"]])  # fmt: skip
+    kw = {"prompts_per_step": 3, "samples_per_prompt": 2, "eval_count": 6, "lr": 1e-3, "steps": 2, "eval_every": 10,
+          "scheduler": "constant", "max_new_tokens": TASKS["reverse"].max_answer_len + 2, "output_dir": None,
+          "bf16": False, "cpu": True, "progress": False, "seed": 0, "reward": reward, **kw}  # fmt: skip
+    cfg = TrainConfig.preset(method, **kw)
+    return Trainer(cfg, student=student, teacher=teacher, tokenizer=tok, prompts=splits["train"],
+                   eval_prompts=splits["eval"])  # fmt: skip
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_trains_a_step(method, tok):
     # partial credit: a random student's rewards differ within a group, so RL-only gets a gradient too
-    tr = _trainer(method, tok, reward_kind="partial", batch_prompts=3, samples_per_prompt=4)
-    before = [p.detach().clone() for p in tr.student.parameters()]
+    tr = _trainer(
+        method, tok, reward="hybridlab.rewards:reverse_partial", prompts_per_step=3, samples_per_prompt=4
+    )
+    before = [p.detach().clone() for p in tr.model.parameters()]
     t_before = [p.detach().clone() for p in tr.teacher.parameters()]
-    hist = tr.train(steps=2)
+    tr.train()
+    hist = tr.history
     assert hist["step"] == [1, 2] and hist["samples"] == [12, 24]
     assert hist["eval_step"] == [0, 2] and len(hist["eval_kl"]) == 2
     for k in ("loss", "kl", "reward", "grad_norm", "eval_greedy_acc", "eval_reward"):
         assert all(torch.isfinite(torch.tensor(x)) for x in hist[k]), k
     assert all(x >= 0 for x in hist["kl"] + hist["eval_kl"])
-    assert any(not torch.equal(a, b) for a, b in zip(before, tr.student.parameters())), "student did not move"
+    assert any(not torch.equal(a, b) for a, b in zip(before, tr.model.parameters())), "student did not move"
     assert all(torch.equal(a, b) for a, b in zip(t_before, tr.teacher.parameters())), "teacher moved"
 
 
 def test_training_is_reproducible(tok):
-    a = _trainer("hybrid", tok).train(steps=2)
-    b = _trainer("hybrid", tok).train(steps=2)
-    a.pop("wall_s"), b.pop("wall_s")
-    assert a == b
+    a, b = _trainer("hybrid", tok), _trainer("hybrid", tok)
+    a.train(), b.train()
+    untimed = lambda h: {k: v for k, v in h.items() if not k.endswith("_s")}  # noqa: E731  (timings differ)
+    assert untimed(a.history) == untimed(b.history)
 
 
 TEACHER = DATA_DIR / "teacher_reverse"
 
 
 def test_resume_reproduces_an_uninterrupted_run(tok, tmp_path):
-    want = _trainer("hybrid", tok, steps=4, eval_every=2).train()
-    first = _trainer("hybrid", tok, steps=4, eval_every=2)
-    first.train(steps=2, run_dir=tmp_path)
-    first.train(steps=1)  # work after the checkpoint that a crash would lose
-    again = _trainer("hybrid", tok, steps=4, eval_every=2)
-    assert again.resume(tmp_path) and again.step_count == 2
-    got = again.train()
-    for h in (want, got):
-        h.pop("wall_s")
-    assert got == want
-    assert not _trainer("hybrid", tok).resume(tmp_path / "empty")
+    want = _trainer("hybrid", tok, steps=4, eval_every=2)
+    want.train()
+    first = _trainer("hybrid", tok, steps=4, eval_every=2, output_dir=str(tmp_path), stop_after=2)
+    first.train()  # checkpoint at step 2
+    first.train_step()  # work after the checkpoint that a crash would lose
+    again = _trainer("hybrid", tok, steps=4, eval_every=2, output_dir=str(tmp_path))
+    assert again.resume() and again.step == 2
+    again.train()
+    untimed = lambda h: {k: v for k, v in h.items() if not k.endswith("_s")}  # noqa: E731  (timings differ)
+    assert untimed(again.history) == untimed(want.history)
+    assert not _trainer("hybrid", tok, output_dir=str(tmp_path / "empty")).resume()
 
 
 def test_dense_only_reduces_kl_on_a_fixed_batch(tok):
     """The trainer's dense-only loss is a descent direction: repeated updates on one rollout shrink its KL."""
     teacher, _ = load_model_dir(TEACHER)
-    tr = _trainer("dense_only", tok, teacher=teacher, batch_prompts=4, lr=1e-2)
-    ro = tr.rollout(tr.next_prompts())
-    kls = []
-    for _ in range(20):
-        loss, m = tr.compute_loss(ro)
-        tr.optimizer.zero_grad()
-        loss.backward()
-        tr.optimizer.step()
-        kls.append(m["kl"])
+    tr = _trainer("dense_only", tok, teacher=teacher, prompts_per_step=4, lr=1e-2)
+    ros = tr.generate()
+    kls = [tr.train_step(rollouts=ros)["kl"] for _ in range(20)]
     assert kls[-1] < 0.5 * kls[0], kls
 
 
 def test_mismatched_vocabularies_raise(tok):
     s = build_model("llama", "tiny", vocab_size=len(tok))
-    t = build_model("llama", "tiny", vocab_size=len(tok) + 1)
+    t = build_model("llama", "tiny", vocab_size=len(tok) - 1)  # a teacher that misses a student id
     with pytest.raises(ValueError, match="vocab_size"):
-        HybridTrainer(s, t, tok, "reverse", TrainerConfig(), ["1="], ["2="])
+        Trainer(
+            TrainConfig(reward=REV, bf16=False, cpu=True), student=s, teacher=t, tokenizer=tok, prompts=["1="]
+        )
 
 
 def test_summary_targets_are_computed_from_numbers():
@@ -227,7 +233,7 @@ def test_shipped_teacher_loads_and_reaches_documented_accuracy():
     model, tok = load_model_dir(TEACHER)
     splits = make_splits("reverse", meta["n_train"], meta["eval_prompts"], seed=meta["data_seed"])
     prompts = [r["prompt"] for r in splits["eval"]]
-    greedy = sample(model, tok, "reverse", prompts, greedy=True, max_new_tokens=8)
+    greedy = sample(model, tok, prompts, reward=REV, greedy=True, max_new_tokens=8)
     acc = float(greedy.rewards.mean())
     assert abs(acc - meta["eval_greedy_acc"]) <= 0.02, (acc, meta["eval_greedy_acc"])
     assert 0.3 < acc < 0.95  # imperfect on purpose, but a useful teacher

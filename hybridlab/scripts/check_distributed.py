@@ -1,6 +1,6 @@
 """Check that a multi-process update equals the single-process update on the same global batch (CPU, gloo).
 
-    python -m hybridlab.scripts.check_distributed --config configs/tiny_cpu.yaml [--nprocs 2] [key=value ...]
+    python -m hybridlab.scripts.check_distributed --config configs/tiny_cpu.yaml [--nprocs 2] [--key value ...]
 
 1. In this process (one process, no DDP): a `Trainer` generates one step's global batch as `nprocs` micro-batches
    and takes one update on it with grad_accum = nprocs: the reference gradients and parameters.
@@ -81,7 +81,7 @@ def compare_single_vs_ddp(cfg, nprocs: int = 2, out_dir: str | None = None) -> d
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must divide by nprocs={nprocs}")
     single_cfg = cfg.replace(grad_accum=nprocs, cpu=True).validate()
     ref = Trainer(single_cfg)
-    shares = [_cpu(r) for r in ref.generate()]  # micro-batch p == process p's share
+    shares = [r.to("cpu") for r in ref.generate()]  # micro-batch p == process p's share
     m_single = ref.train_step(rollouts=shares, keep_grads=True)
     want = _state(ref)
 
@@ -121,23 +121,19 @@ def compare_single_vs_ddp(cfg, nprocs: int = 2, out_dir: str | None = None) -> d
     }  # fmt: skip
 
 
-def _cpu(ro):
-    from hybridlab.train import _to_device
-
-    return _to_device(ro, "cpu")
-
-
 def main(argv: list[str] | None = None) -> dict:
     from hybridlab.train import load_config
 
     ap = argparse.ArgumentParser(
-        description="single-process vs multi-process (gloo) update on one global batch"
+        prog="python -m hybridlab.scripts.check_distributed",
+        description="single-process vs multi-process (gloo) update on one global batch; any other --key value "
+        "overrides the training config",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--nprocs", type=int, default=2)
-    ap.add_argument("overrides", nargs="*", metavar="key=value")
-    args = ap.parse_args(argv)
-    cfg = load_config(args.config, ["normalize=tokens", "progress=false", *args.overrides])
+    ap.add_argument("--config", required=True, help="training config YAML (configs/*.yaml)")
+    ap.add_argument("--nprocs", type=int, default=2, help="processes of the multi-process run")
+    args, overrides = ap.parse_known_args(argv)
+    cfg = load_config(args.config, ["--normalize", "tokens", "--progress", "false", *overrides])
     res = compare_single_vs_ddp(cfg, args.nprocs)
     print(json.dumps(res, indent=2))
     return res

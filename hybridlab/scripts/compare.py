@@ -1,13 +1,14 @@
 """The method comparison: 5 methods x seeds, same sample budget, one JSON of histories and a summary.
 
-    python -m hybridlab.scripts.compare --task reverse --seeds 0 1 2 --steps 600 \\
-        --out data/results/compare_reverse.json
+    python -m hybridlab.scripts.compare --task reverse --seeds 0 1 2 --steps 600     # -> runs/compare_reverse.json
+    python -m hybridlab.scripts.compare --task reverse --seeds 0 1 2 --steps 600 --shipped   # the file in data/
 
-Every run starts from the same student checkpoint (`data/student_<task>`), distils toward the same (imperfect)
+Every method is a preset of the one training config (`hybridlab.train.PRESETS`) run by the one `Trainer`. Every run starts from the same student checkpoint (`data/student_<task>`), distils toward the same (imperfect)
 teacher (`data/teacher_<task>`) and draws `steps * batch_prompts * samples_per_prompt` responses — from the
 student for the on-policy methods, from the teacher for "sft". The seed changes the prompt order and the
 sampling. The JSON is rewritten (atomically) after every run, so a partial comparison can be read while it
-runs. Targets of issue 6 are *measured* in `summary["targets"]`, not assumed.
+runs. The targets (hybrid above dense-only on reward, below RL-only on KL, RL-only's final reward in half its
+samples) are *measured* in `summary["targets"]`, not assumed.
 """
 
 from __future__ import annotations
@@ -23,47 +24,54 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from ..models import load_meta, load_model_dir
 from ..tasks import DATA_DIR, TASKS, make_splits
-from ..trainer import METHODS, HybridTrainer, TrainerConfig, samples_to_threshold
+from ..train.config import METHODS
+
+REPO = DATA_DIR.parent
 
 #: Reward used for thresholds and targets: the eval reward of the student's own samples at the training tau.
 REWARD_KEY = "eval_reward"
 
 
+def comparison_config(task: str, method: str, seed: int, args: argparse.Namespace):
+    """The `TrainConfig` of one (method, seed): the shared settings, then the method's preset on top."""
+    from ..train import TrainConfig
+
+    return TrainConfig.preset(
+        method, reward=f"hybridlab.rewards:{task}", lam=args.lam, beta=args.beta, temperature=args.temperature,
+        lr=args.lr, scheduler="constant", steps=args.steps, prompts_per_step=args.batch_prompts,
+        samples_per_prompt=args.samples_per_prompt, max_new_tokens=TASKS[task].max_answer_len + 2,
+        eval_every=args.eval_every, eval_count=args.eval_prompts, seed=seed, bf16=False, output_dir=None,
+        progress=not args.no_progress,
+    )  # fmt: skip
+
+
 def run_one(task: str, method: str, seed: int, args: argparse.Namespace, splits: dict) -> dict:
     """Train one (method, seed) from the shipped student toward the shipped teacher; returns its record."""
+    from dataclasses import asdict
+
+    from ..models import load_model_dir
+    from ..train import Trainer
+
     teacher, tok = load_model_dir(args.teacher)
     student, _ = load_model_dir(args.student)
-    cfg = TrainerConfig.for_method(
-        method,
-        lam=args.lam,
-        beta=args.beta,
-        temperature=args.temperature,
-        lr=args.lr,
-        steps=args.steps,
-        batch_prompts=args.batch_prompts,
-        samples_per_prompt=args.samples_per_prompt,
-        eval_every=args.eval_every,
-        eval_prompts=args.eval_prompts,
-        seed=seed,
-        progress=not args.no_progress,
-    )
-    trainer = HybridTrainer(
-        student,
-        teacher,
-        tok,
-        task,
-        cfg,
-        [r["prompt"] for r in splits["train"]],
-        [r["prompt"] for r in splits["eval"]],
-    )
+    cfg = comparison_config(task, method, seed, args)
+    trainer = Trainer(cfg, student=student, teacher=teacher, tokenizer=tok, prompts=splits["train"],
+                      eval_prompts=splits["eval"])  # fmt: skip
     t0 = time.perf_counter()
-    hist = trainer.train()
-    return {"method": method, "seed": seed, "config": trainer.config_dict(), "wall_s": time.perf_counter() - t0,
-            "history": hist}  # fmt: skip
+    trainer.train()
+    return {"method": method, "seed": seed, "config": asdict(cfg), "wall_s": time.perf_counter() - t0,
+            "history": trainer.history}  # fmt: skip
+
+
+def samples_to_threshold(
+    history: dict[str, list], threshold: float, key: str = "eval_greedy_acc"
+) -> int | None:
+    """Samples seen at the first evaluation where history[key] >= threshold (None if never)."""
+    for s, v in zip(history["eval_samples"], history[key]):
+        if v >= threshold:
+            return int(s)
+    return None
 
 
 def _mean_std(xs: list[float]) -> dict[str, float]:
@@ -150,18 +158,15 @@ def tilted_optimum(success: list[float], lam: float, beta: float) -> dict[str, f
     }
 
 
-@torch.no_grad()
 def teacher_success(
     teacher, tokenizer, task: str, prompts: list[str], samples: int, seed: int = 0
 ) -> list[float]:
     """Per-prompt success probability of the teacher at temperature 1, estimated from `samples` samples each."""
-    from ..trainer import sample, seeded
+    from ..train.rollout import sample, seeded
 
     with seeded(seed):
-        reps = [p for p in prompts for _ in range(samples)]
-        ro = sample(
-            teacher, tokenizer, task, reps, temperature=1.0, max_new_tokens=TASKS[task].max_answer_len + 2
-        )
+        ro = sample(teacher, tokenizer, prompts, reward=f"hybridlab.rewards:{task}", temperature=1.0,
+                    max_new_tokens=TASKS[task].max_answer_len + 2, samples=samples)  # fmt: skip
     return ro.rewards.reshape(len(prompts), samples).mean(1).tolist()
 
 
@@ -214,36 +219,63 @@ def _write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def _rel(path: str) -> str:
+    """A path relative to the repository when it lies inside it (results files do not record the machine)."""
+    p = Path(path).resolve()
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(path)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--task", default="reverse", choices=sorted(TASKS))
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--lam", type=float, default=3.0)
-    ap.add_argument("--beta", type=float, default=1.0)
-    ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--batch-prompts", type=int, default=16)
-    ap.add_argument("--samples-per-prompt", type=int, default=4)
-    ap.add_argument("--eval-every", type=int, default=25)
-    ap.add_argument("--eval-prompts", type=int, default=200)
+    ap = argparse.ArgumentParser(
+        prog="python -m hybridlab.scripts.compare", description=__doc__,
+        formatter_class=type("F", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}),
+    )  # fmt: skip
+    ap.add_argument("--task", default="reverse", choices=sorted(TASKS), help="toy task (hybridlab.tasks)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per method and seed")
+    ap.add_argument(
+        "--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods to run"
+    )
+    ap.add_argument("--steps", type=int, default=600, help="optimizer steps per run")
+    ap.add_argument("--lam", type=float, default=3.0, help="weight of the task reward in J")
+    ap.add_argument("--beta", type=float, default=1.0, help="weight of the KL to the teacher in J")
+    ap.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (constant)")
+    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, also the loss's")
+    ap.add_argument("--batch-prompts", type=int, default=16, help="prompts per step")
+    ap.add_argument("--samples-per-prompt", type=int, default=4, help="responses per prompt")
+    ap.add_argument("--eval-every", type=int, default=25, help="steps between evaluations")
+    ap.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts per evaluation")
     ap.add_argument("--threshold", type=float, default=None,
                     help="reward threshold for samples-to-threshold (default: the teacher's sampled eval reward)")  # fmt: skip
-    ap.add_argument("--teacher", default=None, help="default data/teacher_<task>")
-    ap.add_argument("--student", default=None, help="default data/student_<task>")
-    ap.add_argument("--out", default=None, help="default data/results/compare_<task>.json")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--teacher", default=None, help="teacher folder (default: data/teacher_<task>)")
+    ap.add_argument("--student", default=None, help="student folder (default: data/student_<task>)")
+    ap.add_argument("--out", default=None, help="results JSON (default: runs/compare_<task>.json)")
+    ap.add_argument("--shipped", action="store_true",
+                    help="write the shipped results file data/results/compare_<task>.json (regenerates tracked data)")  # fmt: skip
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
+    shipped = DATA_DIR / "results" / f"compare_{args.task}.json"
+    if args.shipped and args.out is not None:
+        ap.error("--shipped writes data/results/compare_<task>.json: give either --shipped or --out")
     args.teacher = args.teacher or str(DATA_DIR / f"teacher_{args.task}")
     args.student = args.student or str(DATA_DIR / f"student_{args.task}")
-    args.out = args.out or str(DATA_DIR / "results" / f"compare_{args.task}.json")
+    args.out = str(shipped) if args.shipped else (args.out or str(Path("runs") / f"compare_{args.task}.json"))
+    if Path(args.out).resolve().is_relative_to(DATA_DIR.resolve()) and not args.shipped:
+        ap.error(
+            f"--out {args.out} lies in the shipped data/ folder: pass --shipped to regenerate shipped results"
+        )
+    for name in ("teacher", "student"):
+        if not (Path(getattr(args, name)) / "model.safetensors").exists():
+            ap.error(f"--{name} {getattr(args, name)!r} holds no model.safetensors")
     return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    import torch
+
+    from ..models import load_meta
+
     torch.set_num_threads(args.threads)
     tmeta, smeta = load_meta(args.teacher), load_meta(args.student)
     threshold = args.threshold if args.threshold is not None else tmeta.get("eval_sampled_reward", math.nan)
@@ -260,7 +292,12 @@ def main(argv=None) -> dict:
         "student_init": {
             k: smeta.get(k) for k in ("eval_greedy_acc", "eval_sampled_reward", "arch", "size", "steps")
         },
-        "args": vars(args),
+        "args": {
+            **vars(args),
+            "teacher": _rel(args.teacher),
+            "student": _rel(args.student),
+            "out": _rel(args.out),
+        },
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads},
         "runs": [],
         "summary": None,
@@ -279,7 +316,9 @@ def main(argv=None) -> dict:
                   f"greedy {h['eval_greedy_acc'][-1]:.3f} kl {h['eval_kl'][-1]:.3f} ({rec['wall_s']:.0f}s)",
                   flush=True)  # fmt: skip
     print(format_table(result["summary"]))
-    print(json.dumps(result["summary"].get("targets"), indent=1))
+    if result["summary"].get("targets"):
+        print("targets:", json.dumps(result["summary"]["targets"], indent=1))
+    print(f"results: {out}")
     return result
 
 

@@ -1,6 +1,7 @@
 """Train a small task model by supervised learning and save it as a safetensors checkpoint with TRAINING.md.
 
-    python -m hybridlab.scripts.train_teacher --task reverse --out data/teacher_reverse --target-acc 0.6
+    python -m hybridlab.scripts.train_teacher --task reverse --target-acc 0.6        # -> runs/teacher_reverse
+    python -m hybridlab.scripts.train_teacher --task reverse --target-acc 0.6 --shipped   # data/teacher_reverse
 
 Imperfect teachers, on purpose (so that the task reward carries information the teacher lacks):
     --target-acc A   stop at the first evaluation whose greedy eval accuracy reaches A (early stopping);
@@ -19,11 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from ..models import build_model, build_tokenizer, count_parameters, save_model_dir
-from ..tasks import TASKS, make_splits
-from ..trainer import response_logits, sample, seeded, sft_loss, teacher_forcing_rollout
+from ..tasks import DATA_DIR, TASKS, make_splits
 
 
 def corrupt_answers(rows: list[dict[str, str]], fraction: float, seed: int) -> list[dict[str, str]]:
@@ -41,41 +38,65 @@ def corrupt_answers(rows: list[dict[str, str]], fraction: float, seed: int) -> l
     return out
 
 
-@torch.no_grad()
 def evaluate(model, tokenizer, task: str, rows, max_new_tokens: int, seed: int) -> dict[str, float]:
     """Greedy exact-match accuracy and sampled (tau = 1) exact-match reward on `rows`."""
+    from ..train.rollout import sample, seeded
+
     model.eval()
-    prompts = [r["prompt"] for r in rows]
-    greedy = sample(model, tokenizer, task, prompts, greedy=True, max_new_tokens=max_new_tokens)
+    kw = {"reward": f"hybridlab.rewards:{task}", "max_new_tokens": max_new_tokens}
+    greedy = sample(model, tokenizer, rows, greedy=True, **kw)
     with seeded(seed):
-        sampled = sample(model, tokenizer, task, prompts, temperature=1.0, max_new_tokens=max_new_tokens)
+        sampled = sample(model, tokenizer, rows, temperature=1.0, **kw)
     return {"greedy_acc": float(greedy.rewards.mean()), "sampled_reward": float(sampled.rewards.mean())}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--task", default="reverse", choices=sorted(TASKS))
-    ap.add_argument("--out", required=True, help="checkpoint folder (e.g. data/teacher_reverse)")
-    ap.add_argument("--arch", default="llama", choices=["llama", "qwen2", "gpt2"])
-    ap.add_argument("--size", default="small")
+    ap = argparse.ArgumentParser(
+        prog="python -m hybridlab.scripts.train_teacher", description=__doc__,
+        formatter_class=type("F", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}),
+    )  # fmt: skip
+    ap.add_argument("--task", default="reverse", choices=sorted(TASKS), help="toy task (hybridlab.tasks)")
+    ap.add_argument("--out", default=None, help="checkpoint folder (default: runs/<role>_<task>)")
+    ap.add_argument("--shipped", action="store_true",
+                    help="write the shipped checkpoint data/<role>_<task> (regenerates tracked data)")  # fmt: skip
+    ap.add_argument("--arch", default="llama", choices=["llama", "qwen2", "gpt2"], help="model architecture")
+    ap.add_argument(
+        "--size",
+        default="small",
+        choices=["tiny", "small", "base"],
+        help="model size (hybridlab.models.SIZES)",
+    )
     ap.add_argument("--steps", type=int, default=3000, help="maximum optimiser steps")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--warmup", type=int, default=50)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=64, help="examples per step")
+    ap.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
+    ap.add_argument("--warmup", type=int, default=50, help="linear warmup steps")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the initialisation, batches and corruption")
     ap.add_argument("--data-seed", type=int, default=0, help="seed of the task splits in data/tasks")
-    ap.add_argument("--n-train", type=int, default=3000)
-    ap.add_argument("--n-eval", type=int, default=200)
-    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--n-train", type=int, default=3000, help="training examples")
+    ap.add_argument("--n-eval", type=int, default=200, help="held-out evaluation prompts")
+    ap.add_argument("--eval-every", type=int, default=100, help="steps between evaluations")
     ap.add_argument("--target-acc", type=float, default=None, help="early stop at this greedy eval accuracy")
     ap.add_argument("--corrupt", type=float, default=0.0, help="fraction of training answers corrupted")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--role", default="teacher", help="what the checkpoint is for (written to TRAINING.md)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.shipped and args.out is not None:
+        ap.error("--shipped writes data/<role>_<task>: give either --shipped or --out")
+    name = f"{args.role}_{args.task}"
+    args.out = str(DATA_DIR / name) if args.shipped else (args.out or str(Path("runs") / name))
+    if Path(args.out).resolve().is_relative_to(DATA_DIR.resolve()) and not args.shipped:
+        ap.error(f"--out {args.out} lies in the shipped data/ folder: pass --shipped to regenerate it")
+    return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    import torch
+
+    from ..models import build_model, build_tokenizer, count_parameters, save_model_dir
+    from ..train.policy import sft_loss
+    from ..train.rollout import response_logits, teacher_forcing_rollout
+
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
@@ -93,7 +114,7 @@ def main(argv=None) -> dict:
     while step < args.steps:
         batch = rng.sample(train, args.batch)
         ro = teacher_forcing_rollout(
-            tok, args.task, [r["prompt"] for r in batch], [r["answer"] for r in batch]
+            tok, batch, [r["answer"] for r in batch], reward=f"hybridlab.rewards:{args.task}"
         )
         model.train()
         logits = response_logits(model, ro)
