@@ -622,3 +622,23 @@ def fit_bump(
     with torch.no_grad():
         p = torch.softmax(bump_logits(tokens, mu, log_sigma.exp()), 0)
     return {"centre": mu.item(), "width": log_sigma.exp().item(), "p": p, "loss": loss.item()}
+
+
+def one_token_view(
+    student: nn.Module, teacher: nn.Module, actions: torch.Tensor, mask: torch.Tensor, t: int
+) -> dict[str, object]:
+    """The pieces of the decomposition for one response (actions, mask: [H]) seen from step t (1-based):
+
+    {"logratios": k_1..k_T [T], "vocab_terms": p(a|s_t) log(p(a|s_t)/q(a|s_t)) for every token a [V] (they sum to
+    KL_t(s_t)), "sampled": y_t, "kl_t": KL_t(s_t)}.
+    """
+    n = int(mask.sum())
+    if not 1 <= t <= n:
+        raise ValueError(f"t must be a position 1..{n} of the response (1-based), got {t}")
+    with torch.no_grad():
+        logp = torch.log_softmax(student(actions[None]), -1)[0]
+        logq = torch.log_softmax(teacher(actions[None]), -1)[0]
+    idx = actions[:n, None]
+    k = (logp[:n].gather(-1, idx) - logq[:n].gather(-1, idx))[:, 0]
+    terms = logp[t - 1].exp() * (logp[t - 1] - logq[t - 1])
+    return {"logratios": k, "vocab_terms": terms, "sampled": int(actions[t - 1]), "kl_t": float(terms.sum())}
