@@ -117,6 +117,7 @@ def adapter_grad(trainer, gen, n_micro):
 def reference_grad(trainer, batch, gen, **overrides):
     """`hybrid_loss` on the whole batch, from plain forwards and rewards recomputed here from the completions."""
     from hybridlab import hybrid_loss
+    from hybridlab.integrations.trl import model_inputs
 
     a = trainer.args
     ids = torch.cat([gen["prompt_ids"], gen["completion_ids"]], 1)
@@ -126,9 +127,9 @@ def reference_grad(trainer, batch, gen, **overrides):
     comp = [row[m].tolist() for row, m in zip(gen["completion_ids"], mask)]
     r = torch.tensor(count_reward(comp)) * 1.0 - 0.25 * torch.tensor(length_reward(comp))
     with torch.no_grad():
-        q = trainer.teacher_model(input_ids=ids, attention_mask=att).logits[:, -(n + 1) : -1]
+        q = trainer.teacher_model(**model_inputs(ids, att, True)).logits[:, -(n + 1) : -1]
     trainer.model.zero_grad(set_to_none=True)
-    z = trainer.model(input_ids=ids, attention_mask=att).logits[:, -(n + 1) : -1]
+    z = trainer.model(**model_inputs(ids, att, True)).logits[:, -(n + 1) : -1]
     kw = dict(mask=mask, beta=a.teacher_beta, lam=a.lam, future=a.future, gamma=a.gamma, baseline=a.baseline,
               group_size=G, temperature=a.temperature, normalize=a.normalize)  # fmt: skip
     kw.update(overrides)
@@ -161,6 +162,36 @@ def test_adapter_gradient_equals_hybrid_loss(tmp_path, setting):
     assert rel(g, reference_grad(tr, batch, gen, baseline="none")) > 1e-3
 
 
+def test_training_forward_scores_the_sampled_distribution():
+    """On left-padded prompts the adapter's forward numbers positions as `generate` does: the log-probs it trains
+    are those the tokens were sampled with. Control: default positions (0..L-1, padding counted) on an
+    absolute-position model (GPT-2) score another distribution."""
+    from hybridlab.integrations.trl import model_inputs
+    from hybridlab.models import build_model, build_tokenizer
+
+    tok, model = build_tokenizer(), build_model("gpt2", "tiny", seed=0).eval()
+    model.generation_config.eos_token_id = None  # exactly n tokens, no EOS masking in the scores
+    enc = tok(["12=", "12345="], padding=True, return_tensors="pt")
+    torch.manual_seed(0)
+    n = 4
+    out = model.generate(**enc, do_sample=True, max_new_tokens=n, temperature=0.8, top_k=0, top_p=1.0,
+                         output_scores=True, return_dict_in_generate=True)  # fmt: skip
+    ids, acts = out.sequences, out.sequences[:, -n:, None]
+    att = torch.cat([enc["attention_mask"], torch.ones(2, n, dtype=torch.long)], 1)
+    sampled = torch.log_softmax(torch.stack(out.scores, 1), -1).gather(2, acts)
+    with torch.no_grad():
+        ours = torch.log_softmax(model(**model_inputs(ids, att, True)).logits[:, -(n + 1) : -1] / 0.8, -1)
+        plain = torch.log_softmax(model(**model_inputs(ids, att, False)).logits[:, -(n + 1) : -1] / 0.8, -1)
+    assert (ours.gather(2, acts) - sampled).abs().max() < 1e-5
+    assert (plain.gather(2, acts) - sampled).abs().max() > 1e-2
+
+
+def test_evaluate_reports_a_finite_hybrid_loss(tmp_path):
+    tr = make_trainer(tmp_path, per_device_eval_batch_size=8)
+    m = tr.evaluate(eval_dataset=dataset(4))
+    assert math.isfinite(m["eval_loss"]) and math.isfinite(m["eval_hybrid/teacher_kl"]), m
+
+
 def test_rewards_are_the_weighted_sum_and_counts_are_global(tmp_path):
     tr = make_trainer(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2)
     _, gen = generation_batch(tr)
@@ -177,6 +208,8 @@ def test_rewards_are_the_weighted_sum_and_counts_are_global(tmp_path):
 def test_trl_chunked_divergence_is_lam0_myopic_setting(tmp_path, temperature):
     from trl.trainer.distillation_trainer import _chunked_divergence_loss
 
+    from hybridlab.integrations.trl import model_inputs
+
     tr = make_trainer(tmp_path, lam=0.0, teacher_beta=1.0, future="none", baseline="none", normalize="tokens",
                       temperature=temperature)  # fmt: skip
     _, gen = generation_batch(tr)
@@ -187,9 +220,9 @@ def test_trl_chunked_divergence_is_lam0_myopic_setting(tmp_path, temperature):
     n = gen["completion_ids"].shape[1]
     student, teacher = tr.model, tr.teacher_model
     tr.model.zero_grad(set_to_none=True)
-    h_s = student.base_model(input_ids=ids, attention_mask=att).last_hidden_state[:, -(n + 1) : -1]
+    h_s = student.base_model(**model_inputs(ids, att, True)).last_hidden_state[:, -(n + 1) : -1]
     with torch.no_grad():
-        h_t = teacher.base_model(input_ids=ids, attention_mask=att).last_hidden_state[:, -(n + 1) : -1]
+        h_t = teacher.base_model(**model_inputs(ids, att, True)).last_hidden_state[:, -(n + 1) : -1]
     mask = gen["completion_mask"]
     loss, _, _ = _chunked_divergence_loss(
         h_s, h_t, student.get_output_embeddings().weight, teacher.get_output_embeddings().weight, mask,

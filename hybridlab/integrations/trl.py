@@ -279,6 +279,15 @@ def _accepts(model, name: str) -> bool:
         return False
 
 
+def model_inputs(input_ids, attention_mask, position_ids: bool) -> dict[str, Any]:
+    """Forward inputs for left-padded prompt + completion rows; positions start at 0 on each row's first real
+    token, as `generate` and vLLM number them (so the training forward scores the states that were sampled)."""
+    kw = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    if position_ids:
+        kw["position_ids"] = (attention_mask.long().cumsum(1) - 1).clamp_min(0)
+    return kw
+
+
 def _config_vocab(model) -> int:
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return int(cfg.vocab_size)
@@ -401,10 +410,13 @@ class HybridGRPOTrainer(GRPOTrainer):
         from trl.models.utils import _ForwardRedirection
 
         self._forward_redirection = _ForwardRedirection()
-        self._student_logits_to_keep = _accepts(student, "logits_to_keep")
-        self._teacher_logits_to_keep = _accepts(
-            self.accelerator.unwrap_model(self.teacher_model), "logits_to_keep"
-        )
+        # forward options each model takes: fewer logits rows, and positions counted from the first real token
+        # (as `generate` and vLLM number them on left-padded prompts; absolute-position models depend on it)
+        t_unwrapped = self.accelerator.unwrap_model(self.teacher_model)
+        self._student_opts = {k: _accepts(student, k) and not (k == "position_ids" and self._is_vlm)
+                              for k in ("logits_to_keep", "position_ids")}  # fmt: skip
+        self._teacher_opts = {k: _accepts(t_unwrapped, k) and not (k == "position_ids" and self._is_vlm)
+                              for k in ("logits_to_keep", "position_ids")}  # fmt: skip
         self._hybrid_rewards_per_func = None
 
     def _send_telemetry(self):
@@ -518,8 +530,8 @@ class HybridGRPOTrainer(GRPOTrainer):
         for s in range(0, ids.shape[0], bs):
             sl = slice(s, s + bs)
             with self.accelerator.autocast():
-                z = self._logits(self.model, ids[sl], att[sl], n, self._student_logits_to_keep)
-                q = self._logits(self.teacher_model, ids[sl], att[sl], n, self._teacher_logits_to_keep)
+                z = self._logits(self.model, ids[sl], att[sl], n, self._student_opts)
+                q = self._logits(self.teacher_model, ids[sl], att[sl], n, self._teacher_opts)
             q = q[..., : self.vocab_size]
             acts, m = out["completion_ids"][sl], mask[sl]
             if a.future == "analytic":
@@ -535,10 +547,10 @@ class HybridGRPOTrainer(GRPOTrainer):
         return torch.cat(rows)
 
     @staticmethod
-    def _logits(model, input_ids, attention_mask, n: int, logits_to_keep: bool) -> torch.Tensor:
+    def _logits(model, input_ids, attention_mask, n: int, opts: dict) -> torch.Tensor:
         """Logits [B, n, V] at the states that produced the last n tokens."""
-        kw = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-        if logits_to_keep:
+        kw = model_inputs(input_ids, attention_mask, opts["position_ids"])
+        if opts["logits_to_keep"]:
             kw["logits_to_keep"] = n + 1
         return model(**kw).logits[:, -(n + 1) : -1]
 
@@ -601,9 +613,8 @@ class HybridGRPOTrainer(GRPOTrainer):
         if a.fused_linear:
             student = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
             with self.accelerator.autocast():
-                hidden = student.base_model(
-                    input_ids=ids, attention_mask=att, use_cache=False
-                ).last_hidden_state
+                kw_in = model_inputs(ids, att, self._student_opts["position_ids"])
+                hidden = student.base_model(**kw_in).last_hidden_state
             hidden = hidden[:, -(n + 1) : -1]
             head = student.get_output_embeddings()
             teacher = self._teacher_hidden_and_head(ids, att, n)
@@ -615,9 +626,9 @@ class HybridGRPOTrainer(GRPOTrainer):
                 )  # fmt: skip
         else:
             with torch.no_grad(), self.accelerator.autocast():
-                q = self._logits(self.teacher_model, ids, att, n, self._teacher_logits_to_keep)[..., :v]
+                q = self._logits(self.teacher_model, ids, att, n, self._teacher_opts)[..., :v]
             with self.accelerator.autocast():
-                z = self._logits(unwrapped, ids, att, n, self._student_logits_to_keep)
+                z = self._logits(unwrapped, ids, att, n, self._student_opts)
             with torch.autocast(dev, enabled=False):
                 out = hybrid_loss(z, q, actions, inputs["hybrid_rewards"], **kw)
         m = mask.float()
@@ -635,7 +646,8 @@ class HybridGRPOTrainer(GRPOTrainer):
         def hidden_of(t):
             base = t.get_base_model() if hasattr(t, "get_base_model") else t
             with self.accelerator.autocast():
-                return base.base_model(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state
+                kw_in = model_inputs(ids, att, self._teacher_opts["position_ids"])
+                return base.base_model(**kw_in).last_hidden_state
 
         h = self._forward_redirection(self.teacher_model, teacher, hidden_of, teacher)[:, -(n + 1) : -1]
         head = teacher.get_output_embeddings()
