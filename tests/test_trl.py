@@ -74,13 +74,13 @@ def config(tmp, **kw):
     return HybridGRPOConfig(**base)
 
 
-def make_trainer(tmp, cls=None, teacher_vocab=None, **kw):
+def make_trainer(tmp, cls=None, teacher_vocab=None, reward_funcs=None, teacher=None, **kw):
     from hybridlab.integrations.trl import HybridGRPOTrainer
 
-    student, teacher, tok = tiny_models(teacher_vocab)
+    student, teacher_model, tok = tiny_models(teacher_vocab)
     return (cls or HybridGRPOTrainer)(
-        model=student, teacher_model=teacher, reward_funcs=[count_reward, length_reward], args=config(tmp, **kw),
-        train_dataset=dataset(), processing_class=tok,
+        model=student, teacher_model=teacher or teacher_model, reward_funcs=reward_funcs or [count_reward, length_reward],
+        args=config(tmp, **kw), train_dataset=dataset(), processing_class=tok,
     )  # fmt: skip
 
 
@@ -184,6 +184,37 @@ def test_training_forward_scores_the_sampled_distribution():
         plain = torch.log_softmax(model(**model_inputs(ids, att, False)).logits[:, -(n + 1) : -1] / 0.8, -1)
     assert (ours.gather(2, acts) - sampled).abs().max() < 1e-5
     assert (plain.gather(2, acts) - sampled).abs().max() > 1e-2
+
+
+def test_unscorable_completions_leave_the_loss(tmp_path):
+    """A completion every reward function returns None for has no R: it is masked out (GRPO gives it 0 advantage)."""
+
+    def some_none(completion_ids, **kw):
+        return [None if i % 4 == 0 else 1.0 for i in range(len(completion_ids))]
+
+    tr = make_trainer(tmp_path, reward_funcs=[some_none], reward_weights=None)
+    _, gen = generation_batch(tr)
+    assert not gen["hybrid_mask"][::4].any() and gen["hybrid_mask"][1].any()
+    assert torch.all(gen["hybrid_rewards"][::4] == 0) and torch.all(gen["hybrid_rewards"][1::4] == 1)
+    assert float(gen["hybrid_n_tok"]) == float(gen["hybrid_mask"].sum())
+
+
+def test_teacher_from_a_local_folder_and_checkpoint_resume(tmp_path):
+    """teacher_model as a path; GRPO's checkpoints: resuming from step 1 ends where the uninterrupted run does."""
+    _, teacher, _ = tiny_models()
+    teacher.save_pretrained(tmp_path / "teacher")
+    full = make_trainer(tmp_path / "full", teacher=str(tmp_path / "teacher"), max_steps=2, save_strategy="steps",
+                        save_steps=1)  # fmt: skip
+    full.train()
+    assert (tmp_path / "full" / "checkpoint-1" / "model.safetensors").exists()
+    resumed = make_trainer(tmp_path / "full", teacher=str(tmp_path / "teacher"), max_steps=2)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-1"))
+    a, b = (
+        torch.cat([p.reshape(-1) for p in params(full.model)]),
+        torch.cat([p.reshape(-1) for p in params(resumed.model)]),
+    )
+    assert resumed.state.global_step == 2
+    assert torch.allclose(a, b, atol=1e-6), (a - b).abs().max()
 
 
 def test_evaluate_reports_a_finite_hybrid_loss(tmp_path):

@@ -28,6 +28,9 @@ What changes against GRPO, and why:
   (as TRL's own `DistillationTrainer` does) and weights sequence b by c_b * P, with c_b from the global counts
   (normalize="sequences": 1 / B_global) and P processes, so that after DDP's average the gradient is the
   gradient of the global batch's loss, whatever the split into processes and accumulation steps.
+- The training forwards number positions from each row's first real token, as `generate` and vLLM do on
+  left-padded prompts (GRPO's own forward counts the padding: harmless for rotary models up to rounding, a
+  different distribution for absolute-position ones).
 - On-policy only: one optimiser step per generation batch, no importance-sampling corrections. `num_iterations
   > 1`, `steps_per_generation != gradient_accumulation_steps` and `vllm_importance_sampling_correction=True` are
   refused. Sampling filters that change the distribution away from softmax(z / temperature) (top_p, top_k,
@@ -254,7 +257,8 @@ def _check_hybrid_args(a: HybridGRPOConfig) -> None:
         "min_p": a.min_p,
         "repetition_penalty": a.repetition_penalty,
     }
-    sampling.update({k: v for k, v in (a.generation_kwargs or {}).items() if k in _FILTER_KWARGS})
+    extra = a.generation_kwargs if isinstance(a.generation_kwargs, dict) else {}
+    sampling.update({k: v for k, v in extra.items() if k in _FILTER_KWARGS})
     for k, v in sampling.items():
         ok = _FILTER_KWARGS[k]
         if k == "temperature":
