@@ -209,7 +209,7 @@ def dense_kl_triton_impl(
         fp64 inputs (exact enumeration, not a kernel workload) fall back to the torch closed form in fp64.
     """
     if student.dtype == torch.float64 or teacher.dtype == torch.float64:
-        from ..dense import _torch_impl
+        from .._torch_ref import dense_kl_torch as _torch_impl
 
         return _torch_impl(student, teacher, active, temperature, need_grad, teacher_floor)
     if student.dim() != 2 or teacher.shape != student.shape:

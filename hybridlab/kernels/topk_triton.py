@@ -153,7 +153,7 @@ def topk_kl_triton_impl(
         (kl [N] fp32, grad [N, V] contiguous in the student's dtype or None).
     """
     if student.dtype == torch.float64:
-        from ..topk import _topk_torch_impl
+        from .._torch_ref import topk_kl_torch as _topk_torch_impl
 
         return _topk_torch_impl(student, lq, ids, log_qt, active, temperature, need_grad)
     n, v = student.shape
