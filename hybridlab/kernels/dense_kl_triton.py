@@ -5,19 +5,30 @@ For one row with x = z / tau (student, scaled) and t (teacher logits or log-prob
     KL        = sum_j p_j (log p_j - log q_j),     p = softmax(x), q = softmax(t)
     dKL/dz_j  = (1 / tau) p_j (log p_j - log q_j - KL)
 
-One program handles one row in two sweeps over vocabulary blocks of BLOCK columns:
+One program handles one row in two sweeps over vocabulary blocks of BLOCK columns. Everything is computed in
+base 2 (exp2/log2 are the GPU's native instructions): with the raw maxima m_z = max z, m_t = max t,
+
+    xs_j = (z_j - m_z) * (log2(e) / tau)      the student's log2-weights, centred first, then scaled once
+    ts_j = (t_j - m_t) * log2(e)              the teacher's
 
 1. statistics, online (flash-softmax style), all in fp32 whatever the input dtype:
-       m_p, s_p = sum_j exp(x_j - m_p)               student max and sum of exponentials
-       m_q, s_q = sum_j exp(t_j - m_q)               teacher max and sum of exponentials
-       a        = sum_j exp(x_j - m_p) ((x_j - m_p) - (t_j - m_q))
-   each rescaled when a block raises a running max. Then
-       KL = a / s_p - log s_p + log s_q
-   because log p_j - log q_j = (x_j - m_p) - (t_j - m_q) - log s_p + log s_q. Centring the log-ratio on the
-   running maxima (rather than accumulating sum e_j (x_j - t_j)) keeps the sum free of the cancellation that
-   logits of size 1e4 would otherwise cause in fp32.
+       s_p = sum_j 2^xs_j,   s_q = sum_j 2^ts_j,   a = sum_j 2^xs_j (xs_j - ts_j)
+   The accumulators are rescaled only when a block raises a running maximum (a scalar test per block).
+   Then, in bits, KL / ln 2 = a / s_p - log2 s_p + log2 s_q: the log-ratio is centred on the maxima, so
+   logits of size 1e4 do not cancel in fp32.
 2. gradient: re-read the row (last block first, so the blocks the first sweep touched most recently are
-   still in L2 on a GPU) and write (1 / tau) p_j (log p_j - log q_j - KL) in the student dtype.
+   still in L2 on a GPU) and write (ln 2 / tau) p_j (log2 p_j - log2 q_j - KL / ln 2) in the student dtype,
+   with log2 p_j = xs_j - log2 s_p and log2 q_j = ts_j - log2 s_q. The maximum is subtracted from each logit
+   *before* anything of the logits' own size is rounded: log p is never formed as x - lse with lse rounded
+   at the scale of the logits (which costs ulp(|x|) absolute: 1e-3 at an offset of 1e4).
+
+Alignment (odd vocabularies such as 50257 or 32001): a row that starts at an address that is not a multiple
+of 16 bytes cannot use 16-byte vector loads. When z, t and the gradient share one row stride, unit column
+stride and 16-byte-aligned bases (`ALIGNED`), each row is walked as a rotation: full blocks start at the row's
+first 16-byte-aligned column `head` (< 8) and are loaded without masks, with a `tl.multiple_of` hint on
+their start; the remaining `V mod BLOCK` columns - the tail and, wrapped behind it, the `head` columns before
+the first aligned one - form masked edge blocks. Without that layout (different strides, column strides,
+unaligned bases) head = 0 and alignment is whatever Triton infers from the strides.
 
 Bytes moved per row: two reads of z and t and one write of the gradient; the algorithmic minimum is one read
 of each and one write (3 * V * elem), which `hybridlab.bench` uses as its byte model.
@@ -29,6 +40,8 @@ Conventions (the same as `hybridlab.dense._torch_impl`):
   takes a third sweep (statistics, KL, gradient).
 - NaN or +inf logits make the row's KL NaN, which dense.py reports as an error.
 - Inactive rows (active[r] == False) do no reads: KL 0 and, when a gradient is wanted, a zero row.
+- `row_scale` (optional, [N] fp32): the gradient row r is written multiplied by row_scale[r] (the loss
+  weight the caller will put on KL_r), so no separate [N, V] pass has to scale it later.
 """
 
 from __future__ import annotations
@@ -39,6 +52,74 @@ import torch
 import triton
 import triton.language as tl
 
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _block(b, cols, head, V, row_ptr, start_ptr, stride_c, BLOCK: tl.constexpr, EDGE: tl.constexpr):
+    """(pointers, mask) of block b of one tensor's row. Full blocks: BLOCK contiguous columns from the aligned
+    `start_ptr` (no mask). Edge blocks: the columns left over, wrapped past V onto the row's first `head`.
+    Column offsets are int32 (the host copies a tensor whose (V - 1) * column stride could overflow them)."""
+    k = b * BLOCK + cols
+    if EDGE:
+        c = head + k
+        c = tl.where(c >= V, c - V, c)
+        return row_ptr + c * stride_c, k < V
+    return start_ptr + k * stride_c, k < V
+
+
+@triton.jit
+def _load(ptrs, mask, EDGE: tl.constexpr):
+    if EDGE:
+        return tl.load(ptrs, mask=mask, other=-float("inf")).to(tl.float32)
+    return tl.load(ptrs).to(tl.float32)
+
+
+@triton.jit
+def _stats_step(z, t, m_z, m_t, sp, sq, a, c_p, ACC_A: tl.constexpr):
+    """Fold one block (raw fp32 z, t) into the running maxima and the per-lane sums (see the docstring)."""
+    neg_inf = -float("inf")
+    new_z = tl.maximum(m_z, tl.max(z, 0))
+    new_t = tl.maximum(m_t, tl.max(t, 0))
+    # A maximum that is still -inf would make -inf - -inf = NaN: shift by 0 instead.
+    sh_z = tl.where(new_z == neg_inf, 0.0, new_z)
+    sh_t = tl.where(new_t == neg_inf, 0.0, new_t)
+    if (new_z > m_z) | (new_t > m_t):  # rescale only when a maximum moved
+        alpha_p = tl.exp2((m_z - sh_z) * c_p)  # 0 while nothing was accumulated (m_z = -inf)
+        alpha_q = tl.exp2((m_t - sh_t) * LOG2E)
+        if ACC_A:
+            # Re-centre sum e (xs - ts) on the new maxima: it shifts by `shift` per unit of s_p.
+            old_z = tl.where(m_z == neg_inf, 0.0, m_z)
+            old_t = tl.where(m_t == neg_inf, 0.0, m_t)
+            shift = (old_z - sh_z) * c_p - (old_t - sh_t) * LOG2E
+            # alpha_p == 0: the max jumped so far that every earlier entry has p = 0 in fp32 (dead, as in the
+            # torch backend); drop them rather than compute 0 * inf = NaN from a -inf teacher entry.
+            a = tl.where(alpha_p > 0, alpha_p * (a + shift * sp), 0.0)
+        sp = alpha_p * sp
+        sq = alpha_q * sq
+    xs = (z - sh_z) * c_p
+    ts = (t - sh_t) * LOG2E
+    e = tl.exp2(xs)
+    sp += e
+    sq += tl.exp2(ts)
+    if ACC_A:  # with a floor the log-ratio needs log-sum-exp(t) first: a sweep of its own
+        live = e > 0  # 0 log 0 = 0: select before subtracting, so -inf - -inf never makes a NaN
+        a += e * (tl.where(live, xs, 0.0) - tl.where(live, ts, 0.0))
+    return new_z, new_t, sp, sq, a
+
+
+@triton.jit
+def _log2_ratio(z, t, sh_z, sh_t, c_p, log2_sp, log2_sq, floor2, HAS_FLOOR: tl.constexpr):
+    """(p_j, log2 p_j - log2 q_j) of one block, the maxima subtracted before any scaling."""
+    lp = (z - sh_z) * c_p - log2_sp
+    lq = (t - sh_t) * LOG2E - log2_sq
+    if HAS_FLOOR:
+        lq = tl.maximum(lq, floor2)
+    p = tl.exp2(lp)
+    live = p > 0
+    return p, tl.where(live, lp, 0.0) - tl.where(live, lq, 0.0)
+
 
 @triton.jit
 def _dense_kl_kernel(
@@ -47,6 +128,7 @@ def _dense_kl_kernel(
     grad_ptr,
     kl_ptr,
     active_ptr,
+    scale_ptr,
     V,
     stride_zr,
     stride_zc,
@@ -57,15 +139,32 @@ def _dense_kl_kernel(
     floor,
     HAS_ACTIVE: tl.constexpr,
     HAS_FLOOR: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     NEED_GRAD: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    VEC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64 offsets: N * V passes 2**31 at 16k rows of a 150k vocabulary
-    z_row = z_ptr + row * stride_zr
-    t_row = t_ptr + row * stride_tr
-    g_row = grad_ptr + row * stride_gr
+    z_off = row * stride_zr
+    t_off = row * stride_tr
+    g_off = row * stride_gr
     cols = tl.arange(0, BLOCK)
     n_blocks = tl.cdiv(V, BLOCK)
+    if ALIGNED:  # z, t, grad share the row stride and unit column stride: one head aligns all three
+        head = tl.minimum((VEC - z_off % VEC) % VEC, V).to(tl.int32)
+        z_start = z_ptr + tl.multiple_of(z_off + head, VEC)
+        t_start = t_ptr + tl.multiple_of(t_off + head, VEC)
+        g_start = grad_ptr + tl.multiple_of(g_off + head, VEC)
+    else:
+        head = 0
+        z_start = z_ptr + z_off
+        t_start = t_ptr + t_off
+        g_start = grad_ptr + g_off
+    z_row = z_ptr + z_off
+    t_row = t_ptr + t_off
+    g_row = grad_ptr + g_off
+    n_full = (V - head) // BLOCK  # blocks loaded without a mask; the others are edge blocks
 
     is_active = True
     if HAS_ACTIVE:
@@ -73,90 +172,84 @@ def _dense_kl_kernel(
 
     if is_active:
         neg_inf = -float("inf")
-        m_p = tl.full((), neg_inf, tl.float32)  # running maxima (may stay -inf while blocks are all -inf)
-        m_q = tl.full((), neg_inf, tl.float32)
+        c_p = inv_tau * LOG2E  # 1 / tau and log2(e) in one multiply
+        m_z = tl.full((), neg_inf, tl.float32)  # running raw maxima (may stay -inf while blocks are all -inf)
+        m_t = tl.full((), neg_inf, tl.float32)
         # Sums are kept per lane ([BLOCK] vectors) and reduced once after the sweep: per block only the two
-        # maxima need a cross-warp reduction, and a scalar rescale of the vectors is a multiply, not an exp.
-        sp_vec = tl.zeros((BLOCK,), tl.float32)
-        sq_vec = tl.zeros((BLOCK,), tl.float32)
-        a_vec = tl.zeros((BLOCK,), tl.float32)
+        # maxima need a cross-warp reduction.
+        sp = tl.zeros((BLOCK,), tl.float32)
+        sq = tl.zeros((BLOCK,), tl.float32)
+        a = tl.zeros((BLOCK,), tl.float32)
         # Sweep 1: online statistics of both sides.
-        for b in range(0, n_blocks):
-            offs = b * BLOCK + cols
-            inb = offs < V
-            x = tl.load(z_row + offs * stride_zc, mask=inb, other=neg_inf).to(tl.float32) * inv_tau
-            t = tl.load(t_row + offs * stride_tc, mask=inb, other=neg_inf).to(tl.float32)
-            new_mp = tl.maximum(m_p, tl.max(x, 0))
-            new_mq = tl.maximum(m_q, tl.max(t, 0))
-            # A max that is still -inf would make exp(-inf - -inf) = NaN: shift by 0 instead.
-            sh_p = tl.where(new_mp == neg_inf, 0.0, new_mp)
-            sh_q = tl.where(new_mq == neg_inf, 0.0, new_mq)
-            old_p = tl.where(m_p == neg_inf, 0.0, m_p)
-            old_q = tl.where(m_q == neg_inf, 0.0, m_q)
-            alpha_p = tl.exp(m_p - sh_p)  # 0 while nothing was accumulated
-            alpha_q = tl.exp(m_q - sh_q)
-            xs = x - sh_p
-            ts = t - sh_q
-            e = tl.exp(xs)
-            if not HAS_FLOOR:  # with a floor the log-ratio needs log-sum-exp(t) first: a sweep of its own
-                # Re-centre the old sum on the new maxima, then rescale it: sum e (xs - ts) shifts by
-                # (old_p - sh_p) - (old_q - sh_q) per unit of s_p.
-                shift = (old_p - sh_p) - (old_q - sh_q)
-                # 0 log 0 = 0: select before subtracting, so -inf - -inf never makes a NaN.
-                live = e > 0
-                d = tl.where(live, xs, 0.0) - tl.where(live, ts, 0.0)
-                # alpha_p == 0: the max jumped so far that every earlier entry has p = 0 in fp32 (dead, as in
-                # the torch backend); drop them rather than compute 0 * inf = NaN from a -inf teacher entry.
-                a_vec = tl.where(alpha_p > 0, alpha_p * (a_vec + shift * sp_vec), 0.0) + e * d
-            sp_vec = alpha_p * sp_vec + e
-            sq_vec = alpha_q * sq_vec + tl.exp(ts)
-            m_p = new_mp
-            m_q = new_mq
-        s_p = tl.sum(sp_vec, 0)
-        s_q = tl.sum(sq_vec, 0)
-        a = tl.sum(a_vec, 0)
-        sh_p = tl.where(m_p == neg_inf, 0.0, m_p)
-        sh_q = tl.where(m_q == neg_inf, 0.0, m_q)
-        lse_p = sh_p + tl.log(s_p)  # -inf for an all -inf row, which makes KL NaN: reported upstream
-        lse_q = sh_q + tl.log(s_q)
-        if HAS_FLOOR:
-            kl = tl.zeros((), tl.float32)
-            for b in range(0, n_blocks):
-                offs = b * BLOCK + cols
-                inb = offs < V
-                x = tl.load(z_row + offs * stride_zc, mask=inb, other=neg_inf).to(tl.float32) * inv_tau
-                t = tl.load(t_row + offs * stride_tc, mask=inb, other=neg_inf).to(tl.float32)
-                logp = x - lse_p
-                logq = tl.maximum(t - lse_q, floor)
-                p = tl.exp(logp)
-                live = p > 0
-                kl += tl.sum(p * (tl.where(live, logp, 0.0) - tl.where(live, logq, 0.0)), 0)
+        for b in range(0, n_full):
+            zo, msk = _block(b, cols, head, V, z_row, z_start, stride_zc, BLOCK, False)
+            to, msk = _block(b, cols, head, V, t_row, t_start, stride_tc, BLOCK, False)
+            z = _load(zo, msk, False)
+            t = _load(to, msk, False)
+            m_z, m_t, sp, sq, a = _stats_step(z, t, m_z, m_t, sp, sq, a, c_p, not HAS_FLOOR)
+        for b in range(n_full, n_blocks):
+            zo, msk = _block(b, cols, head, V, z_row, z_start, stride_zc, BLOCK, True)
+            to, msk = _block(b, cols, head, V, t_row, t_start, stride_tc, BLOCK, True)
+            z = _load(zo, msk, True)
+            t = _load(to, msk, True)
+            m_z, m_t, sp, sq, a = _stats_step(z, t, m_z, m_t, sp, sq, a, c_p, not HAS_FLOOR)
+        sh_z = tl.where(m_z == neg_inf, 0.0, m_z)
+        sh_t = tl.where(m_t == neg_inf, 0.0, m_t)
+        log2_sp = tl.log2(tl.sum(sp, 0))  # -inf for an all -inf row, which makes KL NaN: reported upstream
+        log2_sq = tl.log2(tl.sum(sq, 0))
+        floor2 = floor * LOG2E
+        if HAS_FLOOR:  # KL needs the clamped log q, hence log-sum-exp(t): a sweep of its own
+            kl_vec = tl.zeros((BLOCK,), tl.float32)
+            for b in range(0, n_full):
+                zo, msk = _block(b, cols, head, V, z_row, z_start, stride_zc, BLOCK, False)
+                to, msk = _block(b, cols, head, V, t_row, t_start, stride_tc, BLOCK, False)
+                p, d = _log2_ratio(_load(zo, msk, False), _load(to, msk, False),
+                                   sh_z, sh_t, c_p, log2_sp, log2_sq, floor2, True)  # fmt: skip
+                kl_vec += p * d
+            for b in range(n_full, n_blocks):
+                zo, msk = _block(b, cols, head, V, z_row, z_start, stride_zc, BLOCK, True)
+                to, msk = _block(b, cols, head, V, t_row, t_start, stride_tc, BLOCK, True)
+                p, d = _log2_ratio(_load(zo, msk, True), _load(to, msk, True),
+                                   sh_z, sh_t, c_p, log2_sp, log2_sq, floor2, True)  # fmt: skip
+                kl_vec += p * d
+            kl2 = tl.sum(kl_vec, 0)
         else:
-            kl = a / s_p - tl.log(s_p) + tl.log(s_q)
-        tl.store(kl_ptr + row, kl)
+            kl2 = tl.sum(a, 0) / tl.sum(sp, 0) - log2_sp + log2_sq
+        tl.store(kl_ptr + row, kl2 * LN2)
 
         if NEED_GRAD:
+            k_g = inv_tau * LN2  # d/dz of the base-2 quantities, and the row's loss weight, in one factor
+            if HAS_SCALE:
+                k_g = k_g * tl.load(scale_ptr + row)
             # Sweep 2, last block first: on a GPU those blocks are the likeliest still to sit in L2.
-            for i in range(0, n_blocks):
-                offs = (n_blocks - 1 - i) * BLOCK + cols
-                inb = offs < V
-                x = tl.load(z_row + offs * stride_zc, mask=inb, other=neg_inf).to(tl.float32) * inv_tau
-                t = tl.load(t_row + offs * stride_tc, mask=inb, other=neg_inf).to(tl.float32)
-                logp = x - lse_p
-                logq = t - lse_q
-                if HAS_FLOOR:
-                    logq = tl.maximum(logq, floor)
-                p = tl.exp(logp)
-                live = p > 0
-                g = p * (tl.where(live, logp, 0.0) - tl.where(live, logq, 0.0) - kl) * inv_tau
-                tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=inb)
+            for i in range(0, n_blocks - n_full):
+                b = n_blocks - 1 - i
+                zo, msk = _block(b, cols, head, V, z_row, z_start, stride_zc, BLOCK, True)
+                to, msk = _block(b, cols, head, V, t_row, t_start, stride_tc, BLOCK, True)
+                go, msk = _block(b, cols, head, V, g_row, g_start, 1, BLOCK, True)
+                p, d = _log2_ratio(_load(zo, msk, True), _load(to, msk, True),
+                                   sh_z, sh_t, c_p, log2_sp, log2_sq, floor2, HAS_FLOOR)  # fmt: skip
+                g = k_g * p * (d - kl2)  # p = 0 where d was zeroed: dead entries write 0
+                tl.store(go, g.to(grad_ptr.dtype.element_ty), mask=msk)
+            for i in range(0, n_full):
+                b = n_full - 1 - i
+                zo, msk = _block(b, cols, head, V, z_row, z_start, stride_zc, BLOCK, False)
+                to, msk = _block(b, cols, head, V, t_row, t_start, stride_tc, BLOCK, False)
+                go, msk = _block(b, cols, head, V, g_row, g_start, 1, BLOCK, False)
+                p, d = _log2_ratio(_load(zo, msk, False), _load(to, msk, False),
+                                   sh_z, sh_t, c_p, log2_sp, log2_sq, floor2, HAS_FLOOR)  # fmt: skip
+                g = k_g * p * (d - kl2)
+                tl.store(go, g.to(grad_ptr.dtype.element_ty))
     else:
         tl.store(kl_ptr + row, 0.0)
         if NEED_GRAD:  # the gradient buffer is uninitialised: inactive rows get explicit zeros, no reads
             zeros = tl.zeros((BLOCK,), tl.float32).to(grad_ptr.dtype.element_ty)
-            for b in range(0, n_blocks):
-                offs = b * BLOCK + cols
-                tl.store(g_row + offs, zeros, mask=offs < V)
+            for b in range(0, n_full):
+                go, msk = _block(b, cols, head, V, g_row, g_start, 1, BLOCK, False)
+                tl.store(go, zeros)
+            for b in range(n_full, n_blocks):
+                go, msk = _block(b, cols, head, V, g_row, g_start, 1, BLOCK, True)
+                tl.store(go, zeros, mask=msk)
 
 
 def interpreting() -> bool:
@@ -177,6 +270,21 @@ def launch_config(v: int, device: torch.device) -> tuple[int, int]:
     return block, 8 if block >= 2048 else 4
 
 
+def row_alignment(*tensors: torch.Tensor) -> int:
+    """VEC (elements) such that the kernel can start every row's full blocks on a 16-byte boundary of all
+    `tensors` at once, or 0 when it cannot.
+
+    That needs one row stride (in elements) for all of them, unit column stride and 16-byte-aligned bases:
+    then column c of row r sits at element r * S + c of each, and r * S + c = 0 mod VEC, with VEC = 16 bytes
+    over the smallest element size, is 16-byte aligned in every one of them (larger elements only more so).
+    """
+    if any(x.dim() != 2 or x.stride(1) != 1 or x.data_ptr() % 16 for x in tensors):
+        return 0
+    if tensors[0].shape[0] > 1 and len({x.stride(0) for x in tensors}) > 1:
+        return 0
+    return 16 // min(x.element_size() for x in tensors)
+
+
 def dense_kl_triton_impl(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -188,6 +296,7 @@ def dense_kl_triton_impl(
     block: int | None = None,
     num_warps: int | None = None,
     out: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The `hybridlab.dense` backend contract, computed by the fused kernel.
 
@@ -203,6 +312,8 @@ def dense_kl_triton_impl(
         out: optional [N, V] buffer for the gradient, in the student's dtype. It may be `student` itself (the
             fused linear path overwrites its temporary logits): each program reads a block before writing it
             and touches only its own row.
+        row_scale: optional [N] weights; gradient row r is written times row_scale[r] (in fp32, rounded once),
+            for a caller that knows the loss weights of the KL in forward: no [N, V] rescaling pass later.
 
     Returns:
         (kl [N] fp32, grad [N, V] contiguous in the student's dtype, or None).
@@ -211,7 +322,10 @@ def dense_kl_triton_impl(
     if student.dtype == torch.float64 or teacher.dtype == torch.float64:
         from .._torch_ref import dense_kl_torch as _torch_impl
 
-        return _torch_impl(student, teacher, active, temperature, need_grad, teacher_floor)
+        kl, grad = _torch_impl(student, teacher, active, temperature, need_grad, teacher_floor)
+        if grad is not None and row_scale is not None:
+            grad.mul_(row_scale.to(grad.dtype)[:, None])
+        return kl, grad
     if student.dim() != 2 or teacher.shape != student.shape:
         raise ValueError(
             f"student and teacher must both be [N, V], got {list(student.shape)} and {list(teacher.shape)}"
@@ -230,6 +344,10 @@ def dense_kl_triton_impl(
             raise ValueError(f"out must be [N, V] = [{n}, {v}] {student.dtype} with unit column stride")
     if n == 0:
         return kl, grad
+    if row_scale is not None:
+        if row_scale.shape != (n,):
+            raise ValueError(f"row_scale must be [N] = [{n}], got {list(row_scale.shape)}")
+        row_scale = row_scale.to(device=student.device, dtype=torch.float32).contiguous()
     if active is not None:
         if active.shape != (n,):
             raise ValueError(f"active must be [N] = [{n}], got {list(active.shape)}")
@@ -237,12 +355,14 @@ def dense_kl_triton_impl(
     b, w = launch_config(v, student.device)
     b = block or b
     w = num_warps or w
+    vec = row_alignment(student, teacher, *([grad] if grad is not None else []))
     _dense_kl_kernel[(n,)](
         student,
         teacher,
         grad if grad is not None else kl,  # a valid pointer that is never written when NEED_GRAD is False
         kl,
         active if active is not None else kl,
+        row_scale if row_scale is not None else kl,
         v,
         student.stride(0),
         student.stride(1),
@@ -253,7 +373,10 @@ def dense_kl_triton_impl(
         float(teacher_floor) if teacher_floor is not None else 0.0,
         HAS_ACTIVE=active is not None,
         HAS_FLOOR=teacher_floor is not None,
+        HAS_SCALE=row_scale is not None,
         NEED_GRAD=need_grad,
+        ALIGNED=vec > 1,
+        VEC=max(vec, 1),
         BLOCK=b,
         num_warps=w,
     )
