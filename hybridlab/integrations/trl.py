@@ -39,7 +39,8 @@ What changes against GRPO, and why:
   a frozen reference is this objective with the reference as the teacher.
 - GRPO's surrogate settings (`loss_type`, `epsilon`, `delta`, `scale_rewards`, `importance_sampling_level`) have
   no effect: on-policy with one iteration the clipped ratio is 1 and the update is hybridlab's. Entropy bonuses,
-  entropy masks and off-policy masks change the objective and are refused.
+  entropy masks and off-policy masks change the objective and are refused. A mixture-of-experts router
+  auxiliary loss is not added. The completions table's "advantage" column is still GRPO's normalised reward.
 
 Not run here (CPU only): vLLM generation, GPUs, FSDP and DeepSpeed. With vLLM the sampler's numerics differ
 slightly from the training forward's (bf16 kernels); no correction is applied for that.
