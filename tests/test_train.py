@@ -220,6 +220,11 @@ def test_missing_model_folder_is_named(tiny, tmp_path):
         Trainer(_cfg(tiny, tmp_path, student=str(tmp_path / "no_such_student")))
 
 
+def test_a_tokenizer_folder_as_student_names_the_key(tiny, tmp_path):
+    with pytest.raises(ValueError, match=r"student .*tokenizer.* no config.json"):
+        Trainer(_cfg(tiny, tmp_path, student=str(tiny["tokenizer"]["path"])))
+
+
 def test_padded_teacher_is_sliced(tiny, tmp_path):
     padded = make_tiny_models(
         tmp_path / "padded", ("llama",), hidden=32, layers=1, n_prompts=8, teacher_vocab_pad=5

@@ -265,3 +265,36 @@ def test_train_teacher_script_writes_a_documented_checkpoint(tmp_path):
     n_bad = sum(r["answer"] != "321" for r in bad)
     assert 60 < n_bad < 140 and all(len(r["answer"]) == 3 for r in bad)
     assert corrupt_answers(rows, 0.0, seed=0) == rows
+
+
+def test_scripts_help_and_default_outputs(capsys, tmp_path):
+    """The comparison and the teacher script: `-m` usage, help text and a default on every option, results
+    under runs/ unless the shipped data are regenerated explicitly (--shipped)."""
+    from hybridlab.scripts import compare, train_teacher
+
+    for mod, prog in ((compare, "compare"), (train_teacher, "train_teacher")):
+        with pytest.raises(SystemExit):
+            mod.parse_args(["--help"])
+        text = capsys.readouterr().out
+        assert f"usage: python -m hybridlab.scripts.{prog}" in text and "issue" not in text.lower()
+        opts = [ln for ln in text.split("options:")[1].splitlines() if ln.strip().startswith("--")]
+        assert opts and all(len(ln.split("  ", 1)) == 2 or "--shipped" in ln for ln in opts), opts
+        assert text.count("(default:") >= len(opts) - 3, text
+    assert compare.parse_args([]).out == "runs/compare_reverse.json"
+    assert train_teacher.parse_args([]).out == "runs/teacher_reverse"
+    assert compare.parse_args(["--shipped"]).out == str(DATA_DIR / "results" / "compare_reverse.json")
+    for mod, args in (
+        (compare, ["--out", str(DATA_DIR / "results" / "x.json")]),
+        (train_teacher, ["--out", str(DATA_DIR / "t")]),
+    ):
+        with pytest.raises(SystemExit):
+            mod.parse_args(args)
+        assert "--shipped" in capsys.readouterr().err
+
+
+def test_shipped_results_record_repository_paths():
+    res = json.loads((DATA_DIR / "results" / "compare_reverse.json").read_text())
+    assert (
+        res["args"]["teacher"] == "data/teacher_reverse" and res["args"]["student"] == "data/student_reverse"
+    )
+    assert "/work/" not in json.dumps({k: v for k, v in res.items() if k != "runs"})

@@ -3,7 +3,8 @@
     python -m hybridlab.scripts.compare --task reverse --seeds 0 1 2 --steps 600     # -> runs/compare_reverse.json
     python -m hybridlab.scripts.compare --task reverse --seeds 0 1 2 --steps 600 --shipped   # the file in data/
 
-Every method is a preset of the one training config (`hybridlab.train.PRESETS`) run by the one `Trainer`. Every run starts from the same student checkpoint (`data/student_<task>`), distils toward the same (imperfect)
+Every method is a preset of the one training config (`hybridlab.train.PRESETS`) run by the one `Trainer`.
+Every run starts from the same student checkpoint (`data/student_<task>`), distils toward the same (imperfect)
 teacher (`data/teacher_<task>`) and draws `steps * batch_prompts * samples_per_prompt` responses — from the
 student for the on-policy methods, from the teacher for "sft". The seed changes the prompt order and the
 sampling. The JSON is rewritten (atomically) after every run, so a partial comparison can be read while it

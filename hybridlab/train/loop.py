@@ -418,8 +418,10 @@ def run(cfg: TrainConfig, resume: bool = False, accelerator=None) -> tuple[Train
     if resume and not tr.resume():
         tr._log(f"--resume: no checkpoint in {str(out)!r}, starting at step 0")
     if resume and tr.step >= cfg.steps:
-        tr._log(f"the run in {str(out)!r} is complete (step {tr.step} of {cfg.steps}): nothing to do; raise --steps "
-                "to train further")  # fmt: skip
+        tr._log(
+            f"the run in {str(out)!r} is complete (step {tr.step} of {cfg.steps}): nothing to do (training "
+            "longer is a new run: another --output_dir, or --overwrite true)"
+        )
         done = out / "summary.json"
         return tr, json.loads(done.read_text()) if done.exists() else {"steps": tr.step, "complete": True}
     if not resume and tr.main:  # a fresh run (overwrite=true): no stale checkpoints, metrics or final model
