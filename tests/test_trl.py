@@ -114,7 +114,7 @@ def adapter_grad(trainer, gen, n_micro):
     return flat_grad(trainer.model)
 
 
-def reference_grad(trainer, batch, gen, **overrides):
+def reference_grad(trainer, batch, gen, teacher_texts=None, **overrides):
     """`hybrid_loss` on the whole batch, from plain forwards and rewards recomputed here from the completions."""
     from hybridlab import hybrid_loss
     from hybridlab.integrations.trl import model_inputs
@@ -126,8 +126,13 @@ def reference_grad(trainer, batch, gen, **overrides):
     mask = gen["completion_mask"].bool()
     comp = [row[m].tolist() for row, m in zip(gen["completion_ids"], mask)]
     r = torch.tensor(count_reward(comp)) * 1.0 - 0.25 * torch.tensor(length_reward(comp))
+    t_ids, t_att = ids, att
+    if teacher_texts is not None:  # the teacher reads its own prompt, then the same completion tokens
+        enc = trainer.processing_class(teacher_texts, padding=True, padding_side="left", return_tensors="pt")
+        t_ids = torch.cat([enc["input_ids"], gen["completion_ids"]], 1)
+        t_att = torch.cat([enc["attention_mask"], gen["completion_mask"]], 1)
     with torch.no_grad():
-        q = trainer.teacher_model(**model_inputs(ids, att, True)).logits[:, -(n + 1) : -1]
+        q = trainer.teacher_model(**model_inputs(t_ids, t_att, True)).logits[:, -(n + 1) : -1]
     trainer.model.zero_grad(set_to_none=True)
     z = trainer.model(**model_inputs(ids, att, True)).logits[:, -(n + 1) : -1]
     kw = dict(mask=mask, beta=a.teacher_beta, lam=a.lam, future=a.future, gamma=a.gamma, baseline=a.baseline,
@@ -221,6 +226,19 @@ def test_evaluate_reports_a_finite_hybrid_loss(tmp_path):
     tr = make_trainer(tmp_path, per_device_eval_batch_size=8)
     m = tr.evaluate(eval_dataset=dataset(4))
     assert math.isfinite(m["eval_loss"]) and math.isfinite(m["eval_hybrid/teacher_kl"]), m
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_teacher_prompt_scores_the_completion_after_the_teachers_own_prefix(tmp_path, fused):
+    tr = make_trainer(tmp_path, teacher_prompt="{answer}+{prompt}", fused_linear=fused,
+                      per_device_train_batch_size=4, gradient_accumulation_steps=2)  # fmt: skip
+    batch, gen = generation_batch(tr)
+    texts = [f"{x['answer']}+{x['prompt']}" for x in batch]
+    assert gen["hybrid_teacher_prompt_ids"].shape[1] > gen["prompt_ids"].shape[1]
+    g = adapter_grad(tr, gen, n_micro=2)
+    ref = reference_grad(tr, batch, gen, teacher_texts=texts)
+    assert rel(g, ref) < 1e-6, rel(g, ref)
+    assert rel(g, reference_grad(tr, batch, gen)) > 1e-3  # control: the teacher on the student's prompt
 
 
 def test_rewards_are_the_weighted_sum_and_counts_are_global(tmp_path):
@@ -321,6 +339,7 @@ def test_trl_divergence_with_tempered_teacher_equals_hybrid_loss():
         (dict(lam=float("nan")), "lam must be"),
         (dict(teacher_beta=-1.0), "teacher_beta must be"),
         (dict(teacher_floor=1.0), "teacher_floor"),
+        (dict(teacher_prompt="Answer: {answer}"), "teacher_prompt must be a template containing"),
     ],
 )
 def test_bad_settings_are_refused(tmp_path, kw, match):
@@ -354,6 +373,9 @@ def test_trainer_refusals(tmp_path):
                           processing_class=tok, train_dataset=dataset())  # fmt: skip
     tr = make_trainer(tmp_path, teacher_vocab=20)  # a padded, larger teacher head is sliced (with a warning)
     assert tr.vocab_size == 15
+    tr = make_trainer(tmp_path, teacher_prompt="{hint}+{prompt}")
+    with pytest.raises(ValueError, match="names 'hint', which is not a text column"):
+        generation_batch(tr)
 
 
 # --------------------------------------------------------------------------- (b) one process vs two processes

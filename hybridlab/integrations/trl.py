@@ -28,6 +28,8 @@ What changes against GRPO, and why:
   (as TRL's own `DistillationTrainer` does) and weights sequence b by c_b * P, with c_b from the global counts
   (normalize="sequences": 1 / B_global) and P processes, so that after DDP's average the gradient is the
   gradient of the global batch's loss, whatever the split into processes and accumulation steps.
+- `teacher_prompt` (a template with {prompt} and dataset columns, e.g. worked examples or {answer}): the teacher
+  scores the student's completion after its own prefix (context distillation); the student's prompt by default.
 - The training forwards number positions from each row's first real token, as `generate` and vLLM do on
   left-padded prompts (GRPO's own forward counts the padding: harmless for rotary models up to rounding, a
   different distribution for absolute-position ones).
@@ -50,6 +52,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import string
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,6 +152,13 @@ class HybridGRPOConfig(GRPOConfig):
         metadata={"help": "Loss from hidden states and LM heads, no [B, T, V] logits on either side."},
     )
     fused_chunk: int = field(default=1024, metadata={"help": "Rows per chunk of the fused path."})
+    teacher_prompt: str | None = field(
+        default=None,
+        metadata={
+            "help": "The teacher's own prompt: a template with {prompt} (and any dataset column, e.g. {answer}); "
+            "the teacher scores the student's completion after it (context distillation). None: the student's."
+        },
+    )
     # GRPO defaults changed for an on-policy update
     disable_dropout: bool = field(
         default=True, metadata={"help": "Dropout makes the trained policy differ from the sampling policy."}
@@ -210,6 +220,13 @@ def _check_hybrid_args(a: HybridGRPOConfig) -> None:
         raise ValueError(
             f"teacher_floor must be a finite negative log-probability or None, got {a.teacher_floor!r}"
         )
+    if a.teacher_prompt is not None:
+        fields = {f for _, f, _, _ in string.Formatter().parse(a.teacher_prompt) if f is not None}
+        if "prompt" not in fields:
+            raise ValueError(
+                f"teacher_prompt must be a template containing {{prompt}} (and optionally dataset columns such as "
+                f"{{answer}}), got {a.teacher_prompt!r}"
+            )
     if not (isinstance(a.fused_chunk, int) and a.fused_chunk > 0):
         raise ValueError(f"fused_chunk must be a positive integer, got {a.fused_chunk!r}")
     if not (a.temperature > 0 and math.isfinite(a.temperature)):
@@ -485,6 +502,10 @@ class HybridGRPOTrainer(GRPOTrainer):
         )
         out["hybrid_rewards"] = r_local
         out["hybrid_mask"] = mask
+        if self.args.teacher_prompt is not None:
+            out["hybrid_teacher_prompt_ids"], out["hybrid_teacher_prompt_mask"] = self._teacher_prompts(
+                inputs, device
+            )
         out["hybrid_n_seq"] = counts[0].clone()
         out["hybrid_n_tok"] = counts[1].clone()
         mode = "train" if self.model.training else "eval"
@@ -495,6 +516,49 @@ class HybridGRPOTrainer(GRPOTrainer):
         if base is not None:
             out["hybrid_baseline"] = base
         return out
+
+    @staticmethod
+    def _sequences(batch, teacher: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask) of prompt + completion; the teacher's own prompt when one is set."""
+        key = "hybrid_teacher_prompt" if teacher and "hybrid_teacher_prompt_ids" in batch else "prompt"
+        ids = torch.cat([batch[f"{key}_ids"], batch["completion_ids"]], dim=1)
+        att = torch.cat([batch[f"{key}_mask"], batch["completion_mask"]], dim=1)
+        return ids, att
+
+    def _teacher_prompts(self, inputs, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's prompts (the template filled from each row), tokenised as GRPO tokenises the student's
+        (chat template for conversational prompts), left-padded: ids and mask [B, P_teacher]."""
+        from trl.data_utils import is_conversational
+        from trl.trainer.utils import pad
+
+        template = self.args.teacher_prompt
+        texts = []
+        for row in inputs:
+            prompt = row["prompt"]
+            conv = is_conversational({"prompt": prompt})
+            content = prompt[-1]["content"] if conv else prompt
+            if not isinstance(content, str):
+                raise ValueError(
+                    "teacher_prompt needs text prompts (a string, or a last message with string content)"
+                )
+            try:
+                filled = template.format(
+                    **{**{k: v for k, v in row.items() if isinstance(v, str)}, "prompt": content}
+                )
+            except KeyError as e:
+                raise ValueError(
+                    f"teacher_prompt {template!r} names {e.args[0]!r}, which is not a text column of the dataset "
+                    f"(columns: {sorted(row)})"
+                ) from None
+            texts.append(prompt[:-1] + [{**prompt[-1], "content": filled}] if conv else filled)
+        ids = self._tokenize_prompts(texts)[0]
+        t_ids = pad(
+            [torch.tensor(x) for x in ids], padding_value=self._tokenizer.pad_token_id, padding_side="left"
+        )
+        t_mask = pad(
+            [torch.ones(len(x), dtype=torch.long) for x in ids], padding_value=0, padding_side="left"
+        )
+        return t_ids.to(device), t_mask.to(device)
 
     @torch.no_grad()
     def _group_baseline(self, out, mask, r_all, r_local, g) -> torch.Tensor | None:
@@ -527,8 +591,8 @@ class HybridGRPOTrainer(GRPOTrainer):
     def _future_kl_terms(self, out, mask) -> torch.Tensor:
         """The per-token estimates k_t that enter the future-KL sum, by no-grad forwards of student and teacher."""
         a = self.args
-        ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
-        att = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
+        ids, att = self._sequences(out)
+        t_ids, t_att = self._sequences(out, teacher=True)
         n = out["completion_ids"].shape[1]
         rows = []
         bs = a.per_device_train_batch_size if self.model.training else a.per_device_eval_batch_size
@@ -536,7 +600,7 @@ class HybridGRPOTrainer(GRPOTrainer):
             sl = slice(s, s + bs)
             with self.accelerator.autocast():
                 z = self._logits(self.model, ids[sl], att[sl], n, self._student_opts)
-                q = self._logits(self.teacher_model, ids[sl], att[sl], n, self._teacher_opts)
+                q = self._logits(self.teacher_model, t_ids[sl], t_att[sl], n, self._teacher_opts)
             q = q[..., : self.vocab_size]
             acts, m = out["completion_ids"][sl], mask[sl]
             if a.future == "analytic":
@@ -603,8 +667,8 @@ class HybridGRPOTrainer(GRPOTrainer):
 
     def _hybrid_loss(self, unwrapped, inputs):
         a = self.args
-        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
-        att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        ids, att = self._sequences(inputs)
+        t_ids, t_att = self._sequences(inputs, teacher=True)
         actions, mask = inputs["completion_ids"], inputs["hybrid_mask"].bool()
         n, v = actions.shape[1], self.vocab_size
         c = self.hybrid_coefficients(inputs)
@@ -622,7 +686,7 @@ class HybridGRPOTrainer(GRPOTrainer):
                 hidden = student.base_model(**kw_in).last_hidden_state
             hidden = hidden[:, -(n + 1) : -1]
             head = student.get_output_embeddings()
-            teacher = self._teacher_hidden_and_head(ids, att, n)
+            teacher = self._teacher_hidden_and_head(t_ids, t_att, n)
             cdt = hidden.dtype
             with torch.autocast(dev, enabled=False):
                 out = fused_hybrid_loss(
@@ -631,7 +695,7 @@ class HybridGRPOTrainer(GRPOTrainer):
                 )  # fmt: skip
         else:
             with torch.no_grad(), self.accelerator.autocast():
-                q = self._logits(self.teacher_model, ids, att, n, self._teacher_opts)[..., :v]
+                q = self._logits(self.teacher_model, t_ids, t_att, n, self._teacher_opts)[..., :v]
             with self.accelerator.autocast():
                 z = self._logits(unwrapped, ids, att, n, self._student_opts)
             with torch.autocast(dev, enabled=False):
