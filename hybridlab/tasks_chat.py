@@ -22,10 +22,14 @@ question; everything is a pure function of (digits, seed, k_demos).
 from __future__ import annotations
 
 import bisect
+import json
 import random
 import re
 from collections.abc import Sequence
 from collections.abc import Sequence as SequenceABC
+from pathlib import Path
+
+from .tasks import TASKS_DIR
 
 FORMATS = {
     "number": "Answer with the number only.",
@@ -193,6 +197,24 @@ def make_splits(
     return {"train": rows(tr), "eval": rows(ev)}
 
 
+def split_paths(digits: int, fmt: str, seed: int = 0, root: str | Path | None = None) -> dict[str, Path]:
+    """data/tasks/chat_add<digits>_<fmt>_s<seed>_{train,eval}.jsonl (or under `root`)."""
+    root = TASKS_DIR if root is None else Path(root)
+    return {s: root / f"chat_add{digits}_{_check_fmt(fmt)}_s{seed}_{s}.jsonl" for s in ("train", "eval")}
+
+
+def write_splits(
+    n_train: int, n_eval: int, digits: int, fmt: str, seed: int = 0, k_demos: int = 2, root=None
+) -> dict[str, Path]:
+    """Write `make_splits(...)` as JSONL prompt files ({"prompt", "answer"} per line) for `hybridlab.train`."""
+    splits = make_splits(n_train, n_eval, digits, seed, k_demos=k_demos, fmt=fmt)
+    paths = split_paths(digits, fmt, seed, root)
+    for name, path in paths.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in splits[name]))
+    return paths
+
+
 def student_messages(q: str) -> list[dict[str, str]]:
     """The student's chat: one user turn."""
     return [{"role": "user", "content": q}]
@@ -225,7 +247,9 @@ __all__ = [
     "parse_answer",
     "question",
     "render",
+    "split_paths",
     "solve",
     "student_messages",
     "teacher_messages",
+    "write_splits",
 ]

@@ -131,3 +131,13 @@ def test_lazy_pair_pool_matches_the_filtered_list():
         assert len(pool) == len(kept) and [pool[j] for j in range(len(pool))] == kept
     with pytest.raises(IndexError):
         pool[len(pool)]
+
+
+def test_write_splits_round_trips(tmp_path):
+    import json
+
+    paths = tc.write_splits(30, 10, digits=2, fmt="equation", seed=1, root=tmp_path)
+    assert paths == tc.split_paths(2, "equation", 1, tmp_path)
+    assert paths["train"].name == "chat_add2_equation_s1_train.jsonl"
+    rows = {k: [json.loads(line) for line in p.read_text().splitlines()] for k, p in paths.items()}
+    assert rows == tc.make_splits(30, 10, digits=2, seed=1, fmt="equation")
