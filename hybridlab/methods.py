@@ -397,13 +397,13 @@ def method_map(
 
     distill = dict(lam=0.0, beta=1.0)
     add(
-        "GKD (on-policy, reverse KL, 1/|y|)",
+        "GKD (on-policy, reverse KL, 1/length per response)",
         partial(gkd_loss, reduction="per_sequence"),
         dict(**distill, future="none", normalize="per_sequence"),
         dict(**distill, future="none", normalize="sequences"),
         (0.0, 1.0),
         False,
-        "myopic (no future KL) and 1/|y| reweights responses: not grad KL; fixed point the teacher if reachable",
+        "myopic (no future KL), and 1/length reweights responses: not grad KL; fixed point the teacher if reachable",
     )
     add(
         f"TRL DistillationTrainer (beta=1, token mean, batch of {g})",
@@ -464,7 +464,7 @@ def method_map(
         (lam, 0.0),
         False,
         "the group mean includes the sample: a leave-one-out baseline times (G-1)/G; "
-        "1/|o| per response changes the objective (favours short answers)",
+        "1/length per response changes the objective (favours short answers)",
         batch=True,
     )
     add(
@@ -479,20 +479,20 @@ def method_map(
         setting_text="not expressible: hybridlab's advantages are not rescaled per group",
     )
     add(
-        f"GRPO with its KL in the loss (k3 estimator, beta_KL = {beta:g})",
+        f"GRPO with its KL in the loss (Bregman estimator, beta_KL = {beta:g})",
         partial(grpo_loss, lam=lam, group_size=g, beta_kl=beta),
         {**grpo_kw, "beta": beta},
         {**grpo_kw, "beta": beta},
         (lam, beta),
         False,
-        "differentiating the k3 estimate gives the forward KL per state, not the reverse KL of J: "
-        "only the k3-as-loss negative control reproduces it",
+        "differentiating the Bregman estimate r - 1 - log r gives the forward KL per state, not the reverse KL of J: "
+        "only the Bregman-as-loss negative control (k3_loss) reproduces it",
         batch=True,
         setting_fn=C.CONTROLS["k3_loss"],
         setting_text="controls.kl_as_loss(kind='k3', ...) with the GRPO options (a negative control)",
     )
     add(
-        "PPO-RLHF, k1 penalty in the reward, no critic",
+        "PPO-RLHF, log-ratio penalty in the reward, no critic",
         partial(ppo_kl_reward_loss, lam=lam, beta=beta),
         dict(lam=lam, beta=beta, future="k1"),
         dict(lam=lam, beta=beta, future="none"),

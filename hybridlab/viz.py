@@ -428,9 +428,12 @@ def topk_gaps(
     gaps: Mapping[str, Mapping[int, Sequence[float]]],
     *,
     title: str = "Top-k teachers: per-row gap to the full KL",
+    tol: float = 1e-9,
+    linthresh: float = 0.01,
 ) -> Figure:
     """Every row's gap (estimate - full KL) against k, one strip of points per estimate, with the share of rows
-    above zero written beside each strip: a lower bound never crosses zero; an estimate that is not a bound does."""
+    above zero (beyond rounding, `tol`) written over each strip: a lower bound never crosses zero; an estimate that
+    is not a bound does. Symmetric-log y axis, linear within +-`linthresh`."""
     fig, ax = plt.subplots(figsize=(7, 4))
     rng = np.random.default_rng(0)
     n_kinds = len(gaps)
@@ -440,13 +443,16 @@ def topk_gaps(
             y = _np(per_k[k])
             xs = j + offset + rng.uniform(-0.1, 0.1, size=len(y))
             ax.scatter(xs, y, s=4, alpha=0.35, color=COLORS[i % len(COLORS)], label=name if j == 0 else None)
-            above = float((y > 0).mean())
+            above = float((y > tol).mean())
             ax.annotate(f"{above:.0%}", (j + offset, float(y.max())), ha="center", va="bottom", fontsize=6,
                         color=COLORS[i % len(COLORS)])  # fmt: skip
     ax.axhline(0, color="k", lw=1, ls="--", label="full KL (gap 0)")
+    ax.set_yscale(
+        "symlog", linthresh=linthresh
+    )  # small positive gaps stay visible next to large negative ones
     ax.set_xticks(range(len(ks)), [str(k) for k in ks])
     ax.set(title=title, xlabel="teacher top-k size k (tokens); labels: share of rows above the full KL",
-           ylabel="estimate - full KL (nats)")  # fmt: skip
-    ax.legend(fontsize=8, markerscale=3, loc="lower right")
+           ylabel="estimate - full KL (nats, symlog)")  # fmt: skip
+    ax.legend(fontsize=8, markerscale=3, loc="upper left")
     ax.grid(alpha=0.3)
     return _done(fig)

@@ -116,6 +116,8 @@ def test_dpo_is_stationary_exactly_at_the_optimum_of_j(toy):
 def test_markdown_table_has_one_line_per_row(rows):
     table = M.markdown_table(rows)
     assert table.count("\n") == len(rows) + 1
+    for line in table.splitlines():  # no stray '|' inside a cell: exactly 7 columns
+        assert line.count("|") == 8, line
     assert "not expressible" in table
 
 
