@@ -56,8 +56,11 @@ def add_score_grad(
     g: torch.Tensor,
     temperature: float,
     active: torch.Tensor | None = None,
+    out_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """out += g * d log softmax(z / tau)[a] / dz = g * (onehot(a) - p) / tau, in place, chunked: [N, V].
+    """out = out * out_scale[:, None] + g * d log softmax(z / tau)[a] / dz, i.e. + g (onehot(a) - p) / tau,
+    in place, chunked: [N, V]. `out_scale` ([N] or None for 1) folds a per-row rescale of `out` (the dense
+    term's upstream gradient) into this pass instead of a pass of its own over [N, V].
 
     Each chunk is formed in fp32 (one-hot term included) and rounded once into `out`: for a bf16 buffer,
     rounding before adding the one-hot term would cancel two nearly equal numbers when p_a is close to 1.
@@ -66,11 +69,17 @@ def add_score_grad(
     scale = g.to(cdt) / temperature
     if active is not None:
         scale = torch.where(active, scale, torch.zeros((), dtype=cdt, device=scale.device))
+    if out_scale is not None:
+        out_scale = out_scale.to(cdt)
     for sl in row_chunks(*z.shape):
         p = torch.exp(z[sl].to(cdt) / temperature - lse[sl, None])
         if active is not None:
             p = torch.where(active[sl, None], p, torch.zeros((), dtype=cdt, device=p.device))
-        tmp = out[sl].to(cdt) - scale[sl, None] * p
+        tmp = p.mul_(-scale[sl, None])  # in place on the fresh fp32 chunk
+        if out_scale is None:
+            tmp += out[sl]
+        else:
+            tmp.addcmul_(out[sl], out_scale[sl, None])  # bf16 x fp32 promotes to fp32 per element
         tmp.scatter_add_(1, actions[sl, None], scale[sl, None])
-        out[sl] = tmp.to(out.dtype)
+        out[sl] = tmp  # one rounding into out's dtype
     return out

@@ -170,13 +170,23 @@ class DenseKLFunction(torch.autograd.Function):
         grad, student, actions, lse, active = ctx.saved_tensors
         out = grad if ctx.inplace else grad.clone()
         ctx.consumed = ctx.inplace
+        # The saved gradient is d KL / dz; the upstream gradient g [N] scales its rows. With log-probs
+        # (hybrid_loss: g = beta * c_b) the scale is folded into the score-gradient pass that runs anyway;
+        # without, no pass over [N, V] is spent when g is 1 on every active row (a plain .sum() of the KL: a
+        # cheap [N] check). Only a weighted KL without log-probs pays one in-place multiply.
+        g = None
         if grad_kl is None:
             out.zero_()
         else:
-            # bf16/fp16 x fp32 is computed in fp32 and rounded once into the buffer
-            out.mul_(grad_kl.to(torch.float64 if grad.dtype == torch.float64 else torch.float32)[:, None])
+            g = grad_kl.to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
         if grad_logp is not None:
-            add_score_grad(out, student, actions, lse, grad_logp, ctx.temperature, active)
+            add_score_grad(out, student, actions, lse, grad_logp, ctx.temperature, active, out_scale=g)
+        elif g is not None:
+            ones = g == 1
+            if active is not None:
+                ones = ones | ~active  # inactive rows are zero whatever their upstream gradient
+            if not bool(ones.all()):
+                out.mul_(g[:, None])  # bf16/fp16 x fp32 is computed in fp32 and rounded once into the buffer
         return out, None, None, None, None, None, None, None, None
 
 

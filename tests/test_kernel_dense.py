@@ -529,3 +529,99 @@ def test_teacher_floor_over_several_blocks_matches_torch():
     kl, grad = dense_kl_triton_impl(z, t, None, 0.8, True, -20.0, block=16)
     torch.testing.assert_close(kl, want_kl.float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-6)
+
+
+# ---- backward: no [N, V] pass spent on the upstream gradient in the common cases (issue 17) ---------------
+
+
+class _BufferOps:
+    """Records the aten ops (views excluded) that take a given tensor's storage as an argument."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        rec = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if not func.is_view:
+                    ptrs = {
+                        a.untyped_storage().data_ptr()
+                        for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                        if isinstance(a, torch.Tensor) and a.numel()
+                    }
+                    rec.calls.append((func.__name__, ptrs))
+                return func(*args, **kwargs)
+
+        self.mode = Mode()
+        self.calls = []
+
+    def touching(self, ptr):
+        return [name for name, ptrs in self.calls if ptr in ptrs]
+
+
+def _backward_ops(fn, z, *upstream):
+    """Run fn(z) -> outputs, backpropagate `upstream` under the recorder; return (z.grad, ops on the buffer)."""
+    z = z.detach().clone().requires_grad_(True)
+    outs = fn(z)
+    seen = []
+    z.register_hook(lambda g: seen.append(g.untyped_storage().data_ptr()))
+    rec = _BufferOps()
+    with rec.mode:
+        torch.autograd.backward([o for o, u in zip(outs, upstream) if u is not None],
+                                [u for u in upstream if u is not None])  # fmt: skip
+    return z.grad, rec.touching(seen[0])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_backward_spends_no_pass_on_a_unit_upstream_gradient(backend):
+    """dense_kl(...).sum().backward(): the saved [N, V] gradient is returned as it is (no op touches it), and
+    is the right one; with a mask the rows outside it may carry any upstream value."""
+    z, t, w = _inputs(4, 300, seed=40)
+    mask = torch.tensor([True, True, False, True], device=DEV)
+    for m, up in ((None, torch.ones(4)), (mask, torch.tensor([1.0, 1.0, 7.0, 1.0]))):
+        grad, ops = _backward_ops(lambda a, m=m: [dense_kl(a, t, mask=m, backend=backend)], z, up.to(DEV))
+        assert ops == [], ops
+        keep = torch.arange(4) if m is None else m.nonzero().squeeze(1)
+        assert_matches(
+            dense_kl(z, t, mask=m, backend=backend).detach()[keep], grad[keep], z[keep], t[keep],
+            torch.ones(len(keep)), scaled_first=backend == "torch",
+        )  # fmt: skip
+    # negative control: a weighted KL does scale the buffer (one in-place multiply), and the probe sees it
+    grad, ops = _backward_ops(lambda a: [dense_kl(a, t, backend=backend)], z, w)
+    assert ops == ["mul_.Tensor"], ops
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_hybrid_backward_folds_the_kl_scale_into_the_score_pass(backend):
+    """hybrid_loss's upstream gradients: beta * c_b on the KL (never 1) and -c_b A_t on the log-probs. The
+    buffer is read once and written once (the score pass), no multiply of its own; the result equals the
+    fp64 truth d(sum g_kl KL + g_lp log p)/dz."""
+    from hybridlab import dense_kl_and_logprobs
+
+    z, t, w = _inputs(5, 200, seed=41)
+    a = torch.randint(0, 200, (5,), generator=torch.Generator().manual_seed(0)).to(DEV)
+    g_kl = 0.3 * w
+    g_lp = torch.linspace(-1.0, 2.0, 5, device=DEV)
+    fn = lambda x: dense_kl_and_logprobs(x, t, a, temperature=0.8, backend=backend)
+    grad, ops = _backward_ops(fn, z, g_kl, g_lp)
+    assert not any(op.startswith("mul") for op in ops) and len(ops) <= 2, ops
+    z64 = z.double().requires_grad_(True)
+    logp64 = torch.log_softmax(z64 / 0.8, -1).gather(1, a[:, None])[:, 0]
+    loss = (dense_kl_reference(z64, t.double(), 0.8) * g_kl.double()).sum() + (logp64 * g_lp.double()).sum()
+    (want,) = torch.autograd.grad(loss, z64)
+    kl64, p, d, _, g_bound = _bounds(z, t, 0.8, scaled_first=backend == "torch")
+    kl = fn(z)[0].detach()
+    # bound: the KL part as in assert_matches (plus its KL's own error); the score part g (onehot - p) / tau
+    # with p = exp(z / tau - lse) formed in fp32: relative error u (|x| + |lse|) + a few u
+    x = z.double() / 0.8
+    lse = torch.logsumexp(x, -1, keepdim=True)
+    score_b = g_lp.double().abs()[:, None] * (p * (U32 * (x.abs() + lse.abs()) + 4 * U32) + U32) / 0.8
+    bound = g_kl.double().abs()[:, None] * g_bound(kl) + 4 * U32 * want.abs() + score_b
+    bound = bound + g_kl.double().abs()[:, None] * p * (kl.double() - kl64).abs()[:, None] / 0.8
+    assert ((grad.double() - want).abs() <= bound).all()
+    # fp64 end to end: the fold itself is exact arithmetic, checked to 1e-12
+    grad64, _ = _backward_ops(lambda x: dense_kl_and_logprobs(x, t.double(), a, temperature=0.8, backend=backend),
+                              z.double(), g_kl.double(), g_lp.double())  # fmt: skip
+    torch.testing.assert_close(grad64, want, rtol=1e-10, atol=1e-13)
