@@ -25,7 +25,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ._checks import check_actions, check_float, check_mask, check_temperature, first_order_only, shape_of
-from .fused_linear import DEFAULT_CHUNK, _accumulate_mm, fused_linear_dense_kl
+from .fused_linear import DEFAULT_CHUNK, _accumulate_mm, check_dense_kl_args, dense_kl_checked
 from .hybrid import HybridLossOutput, _normalizer, assemble, check_batch, check_weights
 from .topk import TopKTeacher
 
@@ -136,6 +136,12 @@ def fused_linear_logprobs(
     check_mask(mask, batch, "hidden", hidden.device)
     check_actions(actions, batch, v, hidden.device, mask, "hidden")
     tau = check_temperature(temperature)
+    return _logprobs_checked(hidden, weight, actions, tau, mask, bias, chunk_size)
+
+
+def _logprobs_checked(hidden, weight, actions, tau: float, mask, bias, chunk_size) -> torch.Tensor:
+    """`fused_linear_logprobs` on validated arguments (its callers checked them once)."""
+    batch, v = hidden.shape[:-1], weight.shape[0]
     n = batch.numel()
     a = actions.reshape(n).clamp(0, v - 1)
     active = None if mask is None else mask.reshape(n)
@@ -214,7 +220,9 @@ def fused_hybrid_loss(
     `future` is "k1" or "k3", else zeros: it needs an extra pass over the teacher's vocabulary; `grad_norms` is
     None).
     """
-    check_float("hidden", hidden)
+    # validated once here: hidden, weight, bias, teacher, mask, temperature (the fused KL's checks), then the batch
+    tau, name, teacher_rows = check_dense_kl_args(hidden, weight, teacher, temperature, mask, chunk_size, bias, None,
+                                                  backend)  # fmt: skip
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [B, T, H], got {shape_of(hidden)}")
     b, t, _ = hidden.shape
@@ -222,7 +230,6 @@ def fused_hybrid_loss(
     mask = check_batch(
         b, t, v, hidden.device, actions, rewards, mask, seq_weights, baseline, future, gamma, "hidden"
     )
-    tau = check_temperature(temperature)
     check_weights(beta, lam)
     dtype = _cdt(hidden)
     c = _normalizer(normalize, mask, seq_weights, dtype)  # [B]
@@ -231,13 +238,10 @@ def fused_hybrid_loss(
 
     # log-probs first: autograd then runs the dense node's backward first, which frees its precomputed fp32
     # [V, H] weight gradient before the log-prob backward allocates its own.
-    logp = fused_linear_logprobs(
-        hidden, weight, actions, temperature=tau, mask=mask, bias=bias, chunk_size=chunk_size
+    logp = _logprobs_checked(hidden, weight, actions, tau, mask, bias, chunk_size)
+    kl = dense_kl_checked(
+        hidden, weight, teacher_rows, tau, name, mask, chunk_size, bias, row_w, teacher_floor
     )
-    kl = fused_linear_dense_kl(
-        hidden, weight, teacher, temperature=tau, mask=mask, chunk_size=chunk_size, bias=bias,
-        row_weights=row_w, teacher_floor=teacher_floor, backend=backend,
-    )  # fmt: skip
     kl, logp = kl.to(dtype), logp.to(dtype)
     t_logp = None
     if future in ("k1", "k3") and isinstance(teacher, TopKTeacher):

@@ -356,6 +356,16 @@ def fused_linear_dense_kl(
     Returns:
         [...] KL in fp32 (fp64 for fp64 inputs).
     """
+    tau, name, t = check_dense_kl_args(
+        hidden, weight, teacher, temperature, mask, chunk_size, bias, row_weights, backend
+    )
+    return dense_kl_checked(hidden, weight, t, tau, name, mask, chunk_size, bias, row_weights, teacher_floor,
+                            precompute_grads)  # fmt: skip
+
+
+def check_dense_kl_args(hidden, weight, teacher, temperature, mask, chunk_size, bias, row_weights, backend):
+    """Validate `fused_linear_dense_kl`'s arguments once (errors name the argument and the shapes); returns
+    (tau, backend name, the teacher wrapped and checked) for `dense_kl_checked`, which trusts them."""
     check_float("hidden", hidden)
     check_float("weight", weight)
     if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
@@ -389,9 +399,16 @@ def fused_linear_dense_kl(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
     tau = check_temperature(temperature)
     name = resolve_backend(backend, hidden.device)
-    n = batch_shape.numel()
-    t = _Teacher(teacher, n, v, "hidden", hidden.device)
+    t = _Teacher(teacher, batch_shape.numel(), v, "hidden", hidden.device)
     t.validate(batch_shape, v, mask)
+    return tau, name, t
+
+
+def dense_kl_checked(hidden, weight, t: _Teacher, tau, name, mask, chunk_size, bias, row_weights, teacher_floor,
+                     precompute_grads=True) -> torch.Tensor:  # fmt: skip
+    """`fused_linear_dense_kl` on arguments `check_dense_kl_args` has already validated (no checks here)."""
+    batch_shape = hidden.shape[:-1]
+    n = batch_shape.numel()
     t.flatten(n)
     h = hidden.reshape(n, hidden.shape[-1])
     active = None if mask is None else mask.reshape(n)

@@ -426,3 +426,31 @@ def test_a_non_finite_gradient_is_refused_before_the_update(tiny, tmp_path):
     with pytest.raises(FloatingPointError, match="update was not applied"):
         tr.train_step(ro)
     assert all(torch.equal(a, p.detach()) for a, p in zip(before, tr.model.parameters()))
+
+
+def test_the_fused_path_validates_each_input_once(monkeypatch):
+    """fused_hybrid_loss checks its inputs at its boundary; the fused KL and log-prob internals trust it."""
+    from collections import Counter
+
+    import hybridlab._checks as checks
+    import hybridlab.fused_hybrid as fh
+    import hybridlab.fused_linear as fl
+
+    seen = Counter()
+    real = checks.check_float
+
+    def counting(name, x):
+        seen[name] += 1
+        return real(name, x)
+
+    for mod in (fh, fl):
+        monkeypatch.setattr(mod, "check_float", counting)
+    torch.manual_seed(0)
+    hid, w = torch.randn(2, 3, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
+    teacher = (torch.randn(2, 3, 8), torch.randn(11, 8))
+    out = fh.fused_hybrid_loss(hid, w, teacher, torch.randint(0, 11, (2, 3)), torch.rand(2), chunk_size=4,
+                               backend="torch")  # fmt: skip
+    out.loss.backward()
+    assert seen["hidden"] == 1 and seen["weight"] == 1 and seen["teacher_hidden"] == 1, seen
+    with pytest.raises(ValueError, match=r"teacher_hidden \[2, 3, 8\] and teacher_weight \[10, 8\]"):
+        fh.fused_hybrid_loss(hid, w, (teacher[0], teacher[1][:10]), torch.zeros(2, 3, dtype=torch.long), torch.rand(2))
