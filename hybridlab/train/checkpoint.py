@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -196,23 +197,9 @@ def check_same_run(saved: dict, now: dict, path) -> None:
         )
 
 
-class _StateDictModule(torch.nn.Module):
-    """Stand-in handed to `save_checkpoint` when the weights were gathered from FSDP shards."""
-
-    def __init__(self, sd: dict[str, torch.Tensor]):
-        super().__init__()
-        self._sd = sd
-
-    def state_dict(self, *a, **k):
-        return self._sd
-
-
-class _StateDictOptimizer:
-    def __init__(self, sd):
-        self._sd = sd
-
-    def state_dict(self):
-        return self._sd
+def _holder(sd) -> SimpleNamespace:
+    """What `save_checkpoint` needs of a model or optimizer, for state dicts gathered from FSDP shards."""
+    return SimpleNamespace(state_dict=lambda *a, **k: sd)
 
 
 class CheckpointMixin:
@@ -244,7 +231,7 @@ class CheckpointMixin:
             osd = get_optimizer_state_dict(self.policy, self.optimizer.optimizer, options=opts)
             if self.main:
                 sd = {k.removeprefix("model."): v for k, v in msd.items()}
-                path = save_checkpoint(self.out, self.step, _StateDictModule(sd), _StateDictOptimizer(osd),
+                path = save_checkpoint(self.out, self.step, _holder(sd), _holder(osd),
                                        self.scheduler, self._extra(), cfg.keep_checkpoints)  # fmt: skip
         elif self.main:
             path = save_checkpoint(self.out, self.step, self.model, self.optimizer, self.scheduler, self._extra(),

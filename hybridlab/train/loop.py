@@ -15,18 +15,10 @@ from typing import Any
 import torch
 
 from ..dense import dense_kl
+from . import loading
 from .checkpoint import CheckpointMixin, format_summary, latest_checkpoint, truncate_metrics
 from .config import TrainConfig
 from .data import PromptOrder, as_row, load_prompts, rows_digest, step_seed
-from .loading import (
-    check_fused_compatible,
-    check_tokenizers_agree,
-    check_vocab,
-    load_model,
-    load_tokenizer,
-    make_deterministic,
-    prepare_tokenizer,
-)
 from .policy import PolicyModel
 from .rollout import (
     Rollout,
@@ -133,20 +125,20 @@ class Trainer(CheckpointMixin):
         self.reward_fn = reward_of(reward if reward is not None else cfg.reward)
         self.reward_name = repr(cfg.reward if reward is None else getattr(reward, "__name__", "reward"))
         tok_path = cfg.tokenizer or cfg.student
-        self.tokenizer = prepare_tokenizer(tokenizer) if tokenizer is not None else load_tokenizer(
+        self.tokenizer = loading.prepare_tokenizer(tokenizer) if tokenizer is not None else loading.load_tokenizer(
             tok_path, cfg.trust_remote_code, "tokenizer" if cfg.tokenizer else "student")  # fmt: skip
         if student is None:
-            student = load_model(cfg.student, "student", torch.float32, cfg.trust_remote_code)
+            student = loading.load_model(cfg.student, "student", torch.float32, cfg.trust_remote_code)
         if teacher is None:
-            teacher = load_model(cfg.teacher, "teacher", torch.bfloat16 if use_bf16 else torch.float32,
+            teacher = loading.load_model(cfg.teacher, "teacher", torch.bfloat16 if use_bf16 else torch.float32,
                                  cfg.trust_remote_code)  # fmt: skip
-            check_tokenizers_agree(self.tokenizer, cfg.teacher, tok_path, cfg.trust_remote_code)
+            loading.check_tokenizers_agree(self.tokenizer, cfg.teacher, tok_path, cfg.trust_remote_code)
         s_name, t_name = cfg.student or "student", cfg.teacher or "teacher"
-        self.vocab = check_vocab(student, teacher, self.tokenizer, s_name, t_name)
+        self.vocab = loading.check_vocab(student, teacher, self.tokenizer, s_name, t_name)
         if cfg.disable_dropout:
-            make_deterministic(student, f"student {s_name!r}", self.vocab)
+            loading.make_deterministic(student, f"student {s_name!r}", self.vocab)
         if cfg.fused_linear:
-            check_fused_compatible(student, "student", s_name, self.vocab)
+            loading.check_fused_compatible(student, "student", s_name, self.vocab)
         self.eos_ids = eos_ids_of(student, self.tokenizer)
         if cfg.gradient_checkpointing:
             ckpt = {"use_reentrant": False}  # transformers >= 5 names it activation checkpointing
@@ -161,7 +153,7 @@ class Trainer(CheckpointMixin):
         teacher.to(self.device).eval()
         teacher.requires_grad_(False)
         if cfg.fused_linear:
-            check_fused_compatible(teacher, "teacher", t_name, self.vocab)
+            loading.check_fused_compatible(teacher, "teacher", t_name, self.vocab)
         self.teacher = teacher
         self.loss_kw = {
             "beta": cfg.beta, "lam": cfg.lam, "future": cfg.future, "gamma": cfg.gamma, "baseline": cfg.baseline,
