@@ -110,6 +110,7 @@ def gkd_loss(
     seq_weights=None,
     temperature: float = 1.0,
     reduction: str = "per_sequence",
+    divergence: str = "reverse",
     beta: float = 1.0,
     **_,
 ) -> torch.Tensor:
@@ -117,19 +118,29 @@ def gkd_loss(
 
         loss = beta * sum_b c_b sum_t KL(pi_theta(.|s_t) || pi_T(.|s_t)),   states s_t from the student, held fixed
 
-    reduction "per_sequence": c_b = w_b / (B |y_b|) (the paper's 1/L_y); "tokens": c_b = w_b / (number of response
+    reduction "per_sequence": c_b = w_b / (B |y_b|) (the paper's 1/L_y); "sequences": c_b = w_b / B; "tokens": c_b = w_b / (number of response
     tokens in the batch) (TRL's DistillationTrainer and GKDTrainer). The reward is not used.
+    divergence "forward" uses KL(pi_T(.|s_t) || pi_theta(.|s_t)) instead (TRL's beta = 0, supervised KD's loss).
     """
     mask = _mask(mask, actions)
-    _, _, kl = token_terms(student_logits, teacher_logits, actions, mask, temperature)
+    if divergence == "reverse":
+        _, _, kl = token_terms(student_logits, teacher_logits, actions, mask, temperature)
+    elif divergence == "forward":
+        logp_all = torch.log_softmax(student_logits / temperature, -1)
+        logq_all = torch.log_softmax(teacher_logits.detach().to(logp_all.dtype), -1)
+        kl = torch.where(mask, (logq_all.exp() * (logq_all - logp_all)).sum(-1), _zero(logp_all))
+    else:
+        raise ValueError(f"divergence must be 'reverse' or 'forward', got {divergence!r}")
     per_seq = kl.sum(1)
     if reduction == "per_sequence":
         c = _weights(mask, seq_weights, kl.dtype) / mask.sum(1).clamp_min(1).to(kl.dtype)
+    elif reduction == "sequences":
+        c = _weights(mask, seq_weights, kl.dtype)
     elif reduction == "tokens":
         w = torch.ones_like(per_seq) if seq_weights is None else seq_weights.to(kl.dtype)
         c = w / mask.sum().clamp_min(1).to(kl.dtype)
     else:
-        raise ValueError(f"reduction must be 'per_sequence' or 'tokens', got {reduction!r}")
+        raise ValueError(f"reduction must be 'per_sequence', 'sequences' or 'tokens', got {reduction!r}")
     return beta * (c * per_seq).sum()
 
 
@@ -414,6 +425,18 @@ def method_map(
         False,
         "myopic, and a token mean over the batch (a ratio of random sums): not grad KL",
         batch=True,
+    )
+    add(
+        "GKD with forward KL (TRL beta=0) on the student's samples, summed over tokens",
+        partial(gkd_loss, reduction="sequences", divergence="forward"),
+        dict(**distill),
+        dict(**distill, future="none"),
+        (0.0, 1.0),
+        False,
+        "follows the forward KL per visited state (mode covering), not the reverse KL of J: "
+        "only the Bregman-as-loss negative control (k3_loss) reproduces it",
+        setting_fn=C.CONTROLS["k3_loss"],
+        setting_text="controls.kl_as_loss(kind='k3', lam=0, beta=1) (a negative control)",
     )
     add(
         "On-policy distillation, sampled-token advantage (discount 0)",
