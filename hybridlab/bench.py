@@ -1,7 +1,9 @@
 """Benchmarks for the dense KL: `python -m hybridlab.bench dense [--cpu] [--sizes N:V ...] [--dtype bf16]`.
 
-Prints one table per workload: forward + backward time (median), peak memory, achieved bandwidth against the
-bytes the algorithm must move, and how many times faster the Triton kernel is than each method.
+Prints one table per workload: forward + backward time (median), peak memory (after warm-up), achieved
+bandwidth against the bytes the algorithm must move, and how many times faster the Triton dense_kl (through its
+autograd Function) is than each method. The kernel alone (one launch writing KL and gradient into preallocated
+buffers, as `tune` times it) is reported beside it.
 
 Byte model (dense): the KL and its gradient must read the student logits z and the teacher logits t once and
 write the gradient once: 3 * N * V * elem bytes (elem = 2 for bf16). Any method that moves more (a second
@@ -12,10 +14,16 @@ Fused linear (`--fused`, default on CUDA): N tokens, hidden H, vocabulary V, tea
 states + head. The matmuls it must do are four [N, H] x [H, V] products (student logits, teacher logits,
 grad hidden, grad weight); their standalone time is reported as the floor.
 
+`python -m hybridlab.bench fused --fused-size N:V:H` prints the fused-linear table alone.
 `python -m hybridlab.bench tune` (CUDA) sweeps the kernel's block size and warps at one size.
 
 Methods are skipped with a note where a package is not installed (Liger-Kernel, TRL) or a size does not fit.
 On CPU the Triton kernel runs through its interpreter: its times there say nothing about GPU speed.
+
+Fairness: torch.compile gets a fresh dynamo cache per size (otherwise the 9th shape hits the recompile limit and
+silently runs eager) and the row fails if no graph was compiled for that size; Liger's JSD takes log-probs, so
+its row includes a torch log_softmax forward + backward of both inputs (end to end) and records Liger's version
+and the autograd node its output came from; peak memory is measured on a call after the warm-up.
 """
 
 from __future__ import annotations
@@ -44,6 +52,16 @@ class Result:
     peak_mb: float | None = None
     note: str = ""
     extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Method:
+    """A benchmarked method: fn(z, t) -> something to .sum().backward() through z, or (raw=True) a function
+    of (z, t, grad_buffer) that does all the work itself. `note()` is printed beside the row after it ran."""
+
+    fn: Callable
+    raw: bool = False
+    note: Callable[[], str] = lambda: ""
 
 
 # ---- measurement -------------------------------------------------------------------------------------------
@@ -97,13 +115,16 @@ def copy_bandwidth_gbs(device: torch.device, reps: int) -> float:
     return 2 * n / (ms * 1e-3) / 1e9
 
 
-def _measure(name: str, make_step, device, reps, warmup) -> Result:
-    """make_step() builds the inputs and returns a fwd+bwd closure; failures become a note, not a crash."""
+def _measure(name: str, make_step, device, reps, warmup, note=lambda: "") -> Result:
+    """make_step() builds the inputs and returns a fwd+bwd closure; failures become a note, not a crash.
+    Warm-up first (compilation, autotuning, allocator growth), then peak memory of one call, then the timing."""
     try:
         step = make_step()
+        for _ in range(max(warmup, 1)):
+            step()
         mem = peak_mb(step, device)
-        ms = time_ms(step, device, reps, warmup)
-        return Result(name, ms, mem)
+        ms = time_ms(step, device, reps, 0)
+        return Result(name, ms, mem, note=note())
     except torch.cuda.OutOfMemoryError:
         return Result(name, note="out of memory")
     except Exception as e:  # an optional baseline with another API version: report, keep going
@@ -116,40 +137,86 @@ def _measure(name: str, make_step, device, reps, warmup) -> Result:
 # ---- dense: methods ------------------------------------------------------------------------------------------
 
 
-def dense_methods(device: torch.device, with_triton: bool) -> dict[str, Callable | str]:
-    """name -> fn(z, t) returning something to .sum().backward() through z, or a note why it is absent."""
+TRITON_AUTOGRAD = "triton dense_kl (autograd)"
+
+
+def compiled_reference(backend: str = "inductor", reset: bool = True) -> Callable:
+    """torch.compile(dense_kl_reference) for one size, refusing to run eager without saying so.
+
+    With `reset` the dynamo cache starts empty (each size compiles its own graph; without it the 9th shape
+    passes dynamo's recompile limit and silently falls back to eager). The returned function raises if no
+    graph was compiled since this call (fullgraph=True: a graph break raises too)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from .dense import dense_kl_reference
+
+    if reset:
+        torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(dense_kl_reference, dynamic=False, fullgraph=True, backend=backend)
+
+    def fn(z, t):
+        out = compiled(z, t)
+        if counters["stats"]["unique_graphs"] < 1:
+            raise RuntimeError("torch.compile ran eager (no graph compiled for this size)")
+        return out
+
+    return fn
+
+
+def _liger_jsd():
+    """Liger's JSD(beta=1) = KL(student || teacher) on log-probs, end to end from logits, with a note of the
+    version and the autograd node its output came from (its Triton Function, or whatever it dispatched to)."""
+    from importlib.metadata import version
+
+    from liger_kernel.transformers import LigerJSD
+
+    jsd = LigerJSD(beta=1.0)
+    seen = {}
+
+    def fn(z, t):
+        out = jsd(torch.log_softmax(z.float(), -1), torch.log_softmax(t.float(), -1))
+        seen["node"] = type(out.grad_fn).__name__ if out.grad_fn is not None else "no grad_fn"
+        return out
+
+    note = lambda: (
+        f"end to end: + torch log_softmax fwd/bwd of z and t (fp32); liger-kernel {version('liger-kernel')}, "
+        f"output from {seen.get('node', '?')}"
+    )
+    return Method(fn, note=note)
+
+
+def dense_methods(device: torch.device, with_triton: bool) -> dict[str, Method | str]:
+    """name -> Method, or a note why it is absent. Built per size (torch.compile gets a fresh cache each time)."""
     from .dense import dense_kl, dense_kl_reference
 
-    methods: dict[str, Callable | str] = {}
+    methods: dict[str, Method | str] = {}
     if with_triton:
-        methods["triton kernel"] = lambda z, t: dense_kl(z, t, backend="triton")
+        from .kernels.dense_kl_triton import dense_kl_triton_impl
+
+        methods[TRITON_AUTOGRAD] = Method(lambda z, t: dense_kl(z, t, backend="triton"))
+        methods["triton kernel alone"] = Method(
+            lambda z, t, g: dense_kl_triton_impl(z, t, None, 1.0, True, None, out=g),
+            raw=True,
+            note=lambda: "one launch: KL + gradient into a preallocated buffer, no autograd",
+        )
     else:
-        methods["triton kernel"] = "skipped (size too large for the CPU interpreter)"
-    methods["torch closed form"] = lambda z, t: dense_kl(z, t, backend="torch")
-    methods["autograd log_softmax"] = dense_kl_reference
+        methods[TRITON_AUTOGRAD] = "skipped (size too large for the CPU interpreter)"
+        methods["triton kernel alone"] = "skipped (size too large for the CPU interpreter)"
+    methods["torch closed form"] = Method(lambda z, t: dense_kl(z, t, backend="torch"))
+    methods["autograd log_softmax"] = Method(dense_kl_reference)
     if device.type == "cuda":
-        compiled = torch.compile(dense_kl_reference, dynamic=False)
-        methods["torch.compile(autograd)"] = compiled
+        try:
+            methods["torch.compile(autograd)"] = Method(compiled_reference())
+        except Exception as e:
+            methods["torch.compile(autograd)"] = f"failed: {type(e).__name__}: {e}"[:90]
     else:
         methods["torch.compile(autograd)"] = "skipped on CPU (GPU baseline)"
     try:
-        from liger_kernel.transformers import LigerJSD
-
-        jsd = LigerJSD(beta=1.0)  # beta = 1: KL(student || teacher), inputs are log-probs
-        methods["liger JSD(beta=1)"] = lambda z, t: jsd(
-            torch.log_softmax(z.float(), -1), torch.log_softmax(t.float(), -1)
-        )
+        methods["liger JSD(beta=1) end to end"] = _liger_jsd()
     except Exception:
-        methods["liger JSD(beta=1)"] = "not installed (pip install liger-kernel)"
-    try:
-        from liger_kernel.transformers import LigerKLDIVLoss
-
-        kld = LigerKLDIVLoss(reduction="sum", log_target=True)
-        # Its gradient flows to y_pred, KL(y_true || y_pred): the forward KL on given log-probs. Not the same
-        # maths, but the same bytes (read two rows, write one): the closest pure-kernel comparison.
-        methods["liger kl_div (bytes-equal)"] = lambda z, t: kld(z, t)
-    except Exception:
-        methods["liger kl_div (bytes-equal)"] = "not installed"
+        methods["liger JSD(beta=1) end to end"] = "not installed (pip install liger-kernel)"
     return methods
 
 
@@ -158,23 +225,27 @@ def bench_dense(device, sizes, dtype, reps, warmup, interp_max_elems) -> list[tu
     for n, v in sizes:
         with_triton = device.type == "cuda" or n * v <= interp_max_elems
         results = []
-        for name, fn in dense_methods(device, with_triton).items():
-            if isinstance(fn, str):
-                results.append(Result(name, note=fn))
+        for name, m in dense_methods(device, with_triton).items():
+            if isinstance(m, str):
+                results.append(Result(name, note=m))
                 continue
 
-            def make_step(fn=fn, n=n, v=v):
+            def make_step(m=m, n=n, v=v):
                 g = torch.Generator(device=device).manual_seed(0)
-                z = (3 * torch.randn(n, v, device=device, generator=g)).to(dtype).requires_grad_(True)
+                z = (3 * torch.randn(n, v, device=device, generator=g)).to(dtype)
                 t = (3 * torch.randn(n, v, device=device, generator=g)).to(dtype)
+                if m.raw:
+                    buf = torch.empty_like(z)
+                    return lambda: m.fn(z, t, buf)
+                z.requires_grad_(True)
 
                 def step():
-                    fn(z, t).sum().backward()
+                    m.fn(z, t).sum().backward()
                     z.grad = None
 
                 return step
 
-            results.append(_measure(name, make_step, device, reps, warmup))
+            results.append(_measure(name, make_step, device, reps, warmup, m.note))
         out.append((n, v, results))
     return out
 
@@ -182,26 +253,30 @@ def bench_dense(device, sizes, dtype, reps, warmup, interp_max_elems) -> list[tu
 # ---- fused linear ------------------------------------------------------------------------------------------
 
 
-def fused_methods(device: torch.device) -> dict[str, Callable | str]:
+def fused_methods(device: torch.device) -> dict[str, Method | str]:
     """name -> fn(h, w, th, tw) returning something to .sum().backward() through h and w."""
     from .dense import dense_kl, dense_kl_reference
     from .fused_linear import fused_linear_dense_kl
 
     backend = "triton" if device.type == "cuda" else "torch"
-    methods: dict[str, Callable | str] = {
-        f"fused linear ({backend})": lambda h, w, th, tw: fused_linear_dense_kl(
-            h, w, (th, tw), backend=backend
+    methods: dict[str, Method | str] = {
+        f"fused linear ({backend})": Method(
+            lambda h, w, th, tw: fused_linear_dense_kl(h, w, (th, tw), backend=backend)
         ),
-        f"materialised + dense_kl ({backend})": lambda h, w, th, tw: dense_kl(
-            h @ w.t(), th @ tw.t(), backend=backend
+        f"materialised + dense_kl ({backend})": Method(
+            lambda h, w, th, tw: dense_kl(h @ w.t(), th @ tw.t(), backend=backend)
         ),
-        "materialised + autograd": lambda h, w, th, tw: dense_kl_reference(h @ w.t(), th @ tw.t()),
+        "materialised + autograd": Method(lambda h, w, th, tw: dense_kl_reference(h @ w.t(), th @ tw.t())),
     }
     try:
+        from importlib.metadata import version
+
         from liger_kernel.transformers import LigerFusedLinearJSD
 
         ljsd = LigerFusedLinearJSD(jsd_beta=1.0)
-        methods["liger fused-linear JSD(beta=1)"] = lambda h, w, th, tw: ljsd(h, w, th, tw)
+        methods["liger fused-linear JSD(beta=1)"] = Method(
+            lambda h, w, th, tw: ljsd(h, w, th, tw), note=lambda: f"liger-kernel {version('liger-kernel')}"
+        )
     except Exception:
         methods["liger fused-linear JSD(beta=1)"] = "not installed (pip install liger-kernel)"
     try:
@@ -211,8 +286,12 @@ def fused_methods(device: torch.device) -> dict[str, Callable | str]:
             div, _entropy = ChunkedDivergenceFunction.apply(h, w, None, th, tw, None, 1.0, 1.0)
             return div
 
+        from importlib.metadata import version
+
         methods["trl chunked divergence(beta=1)"] = (
-            trl_fn if device.type == "cuda" else "skipped on CPU (Triton)"
+            Method(trl_fn, note=lambda: f"trl {version('trl')}")
+            if device.type == "cuda"
+            else "skipped on CPU (Triton)"
         )
     except Exception:
         methods["trl chunked divergence(beta=1)"] = "not installed (TRL >= 1.16)"
@@ -226,12 +305,12 @@ def bench_fused(device, size, dtype, reps, warmup):
     hid, th = mk(n, h), mk(n, h)
     w, tw = mk(v, h, scale=h**-0.5 * 3), mk(v, h, scale=h**-0.5 * 3)
     results = []
-    for name, fn in fused_methods(device).items():
-        if isinstance(fn, str):
-            results.append(Result(name, note=fn))
+    for name, m in fused_methods(device).items():
+        if isinstance(m, str):
+            results.append(Result(name, note=m))
             continue
 
-        def make_step(fn=fn):
+        def make_step(fn=m.fn):
             hh = hid.detach().requires_grad_(True)
             ww = w.detach().requires_grad_(True)
 
@@ -241,7 +320,7 @@ def bench_fused(device, size, dtype, reps, warmup):
 
             return step
 
-        results.append(_measure(name, make_step, device, reps, warmup))
+        results.append(_measure(name, make_step, device, reps, warmup, m.note))
 
     def matmuls():  # the four [N, H] x [H, V] products any exact method must do
         logits = hid @ w.t()
@@ -282,7 +361,7 @@ def print_dense_table(device_name, dtype, rows, copy_gbs, file=sys.stdout):
     print(head, file=file)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:]), file=file)
     for n, v, results in rows:
-        tri = next((r.ms for r in results if r.method == "triton kernel" and r.ms), None)
+        tri = next((r.ms for r in results if r.method == TRITON_AUTOGRAD and r.ms), None)
         for r in results:
             gbs = 3 * n * v * elem / (r.ms * 1e-3) / 1e9 if r.ms else None
             pct = 100 * gbs / copy_gbs if gbs else None
@@ -356,9 +435,9 @@ def tune(device, n, v, dtype, reps):
 # ---- entry point -------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m hybridlab.bench", description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=["dense", "tune"])
+    p.add_argument("what", choices=["dense", "fused", "tune"], help="fused: the fused-linear table only")
     p.add_argument("--cpu", action="store_true", help="run on CPU with tiny sizes (default without CUDA)")
     p.add_argument("--sizes", nargs="+", help="N:V pairs (default: the issue's grid on GPU, tiny on CPU)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default bf16 on GPU, fp32 on CPU")
@@ -366,7 +445,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None, help="fused-linear table")
     p.add_argument("--fused-size", help="N:V:H for the fused-linear table")
     p.add_argument("--threads", type=int, default=1, help="CPU mode: torch threads (default 1)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
 
     cpu = args.cpu or not torch.cuda.is_available()
     if cpu:
@@ -387,13 +470,16 @@ def main(argv: list[str] | None = None) -> None:
         tune(device, n, v, dtype, reps)
         return
 
-    sizes = _parse_sizes(args.sizes) if args.sizes else (CPU_SIZES if cpu else GPU_SIZES)
-    copy_gbs = copy_bandwidth_gbs(device, reps)
-    rows = bench_dense(device, sizes, dtype, reps, warmup, interp_max_elems=1 << 20)
-    print_dense_table(name, dtype, rows, copy_gbs)
-    if cpu:
-        print("# CPU: the Triton kernel runs in its interpreter here; its time is not a speed measurement.")
-    if args.fused if args.fused is not None else True:
+    if args.what == "dense":
+        sizes = _parse_sizes(args.sizes) if args.sizes else (CPU_SIZES if cpu else GPU_SIZES)
+        copy_gbs = copy_bandwidth_gbs(device, reps)
+        rows = bench_dense(device, sizes, dtype, reps, warmup, interp_max_elems=1 << 20)
+        print_dense_table(name, dtype, rows, copy_gbs)
+        if cpu:
+            print(
+                "# CPU: the Triton kernel runs in its interpreter here; its time is not a speed measurement."
+            )
+    if args.what == "fused" or (args.fused if args.fused is not None else True):
         fsize = (
             _parse_sizes([args.fused_size], fused=True)[0]
             if args.fused_size
