@@ -260,7 +260,8 @@ class CheckpointMixin:
         if ex.get("optimizer_format", "torch") != ("fqn" if self.fsdp else "torch"):
             raise ValueError(f"checkpoint {path} was written {'with' if ex.get('optimizer_format') == 'fqn' else 'without'} "
                              "FSDP; resume it with the same kind of launch")  # fmt: skip
-        check_same_run(ex.get("config", {}), asdict(self.cfg), path)
+        saved = ex.get("config", {})  # keys a checkpoint predates count as their defaults
+        check_same_run({**asdict(type(self.cfg)()), **saved} if saved else {}, asdict(self.cfg), path)
         self.order.load_state_dict(ex["data_order"])
         self.step, self.samples_seen, self.tokens_seen = (
             info["step"],

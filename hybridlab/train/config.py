@@ -124,6 +124,10 @@ class TrainConfig:
     cpu: bool = _f(False, "run on CPU even when CUDA is available")
     cpu_threads: int | None = _f(None, "torch threads of a CPU run (1 suits tiny models)")
 
+    def __post_init__(self):
+        if not isinstance(self.normalize, str):  # a number from Python: kept as the command line reads it
+            self.normalize = str(self.normalize)
+
     @classmethod
     def preset(cls, name: str, **kwargs) -> TrainConfig:
         """A config for the method `name`: `kwargs` first, then the preset on top (it wins: `lam` becomes 0 for

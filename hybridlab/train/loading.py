@@ -33,7 +33,7 @@ def load_model(path: str, what: str, dtype: torch.dtype, trust_remote_code: bool
     if p.is_dir():
         if not (p / "config.json").exists():
             raise ValueError(f"{what} {path!r} is not a model folder: it has no config.json (a tokenizer-only "
-                             "folder? give that one as `tokenizer` and point `{what}` at the model)".replace("{what}", what))  # fmt: skip
+                             f"folder? give that one as `tokenizer` and point `{what}` at the model)")  # fmt: skip
         if not any(p.glob("*.safetensors")):
             raise ValueError(f"{what} {path!r} has no *.safetensors weights (pickled weights are not loaded)")
     with _quiet_progress():
@@ -46,7 +46,11 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, what: str = "toke
     from transformers import AutoTokenizer
 
     _check_path(path, what)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"{what} {path!r}: no tokenizer could be loaded from it ({type(e).__name__}: "
+                         f"{str(e)[:200]}); point `tokenizer` at the tokenizer's folder") from None  # fmt: skip
     return prepare_tokenizer(tok, path)
 
 

@@ -125,13 +125,16 @@ class Trainer(CheckpointMixin):
         self.reward_fn = reward_of(reward if reward is not None else cfg.reward)
         self.reward_name = repr(cfg.reward if reward is None else getattr(reward, "__name__", "reward"))
         tok_path = cfg.tokenizer or cfg.student
-        self.tokenizer = loading.prepare_tokenizer(tokenizer) if tokenizer is not None else loading.load_tokenizer(
-            tok_path, cfg.trust_remote_code, "tokenizer" if cfg.tokenizer else "student")  # fmt: skip
+        if tokenizer is None:
+            tokenizer = loading.load_tokenizer(
+                tok_path, cfg.trust_remote_code, "tokenizer" if cfg.tokenizer else "student"
+            )
+        self.tokenizer = loading.prepare_tokenizer(tokenizer)
         if student is None:
             student = loading.load_model(cfg.student, "student", torch.float32, cfg.trust_remote_code)
         if teacher is None:
-            teacher = loading.load_model(cfg.teacher, "teacher", torch.bfloat16 if use_bf16 else torch.float32,
-                                 cfg.trust_remote_code)  # fmt: skip
+            t_dtype = torch.bfloat16 if use_bf16 else torch.float32
+            teacher = loading.load_model(cfg.teacher, "teacher", t_dtype, cfg.trust_remote_code)
             loading.check_tokenizers_agree(self.tokenizer, cfg.teacher, tok_path, cfg.trust_remote_code)
         s_name, t_name = cfg.student or "student", cfg.teacher or "teacher"
         self.vocab = loading.check_vocab(student, teacher, self.tokenizer, s_name, t_name)
