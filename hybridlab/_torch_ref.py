@@ -20,13 +20,21 @@ def _rows(n: int, active: torch.Tensor | None, v: int):
         yield slice(start, min(start + chunk, n_rows)) if rows is None else rows[start : start + chunk]
 
 
-def dense_kl_torch(student, teacher, active, temperature: float, need_grad: bool, teacher_floor: float | None):
+def _grad_buffer(student, active, need_grad: bool):
+    if not need_grad:
+        return None
+    return torch.zeros_like(student) if active is not None else torch.empty_like(student)
+
+
+def dense_kl_torch(
+    student, teacher, active, temperature: float, need_grad: bool, teacher_floor: float | None
+):
     """KL(softmax(z / tau) || softmax(t)) per row and its logit gradient, chunked over rows:
     [N, V], [N, V] -> (kl [N], grad [N, V] | None); rows outside `active` get 0."""
     n, v = student.shape
     cdt = compute_dtype(student, teacher)
     kl = torch.zeros(n, dtype=cdt, device=student.device)
-    grad = (torch.zeros_like(student) if active is not None else torch.empty_like(student)) if need_grad else None
+    grad = _grad_buffer(student, active, need_grad)
     for sel in _rows(n, active, v):
         logp = torch.log_softmax(student[sel].to(cdt) / temperature, dim=-1)
         logq = torch.log_softmax(teacher[sel].to(cdt), dim=-1)
@@ -46,7 +54,7 @@ def topk_kl_torch(student, lq, ids, log_qt, active, temperature: float, need_gra
     n, v = student.shape
     cdt = compute_dtype(student, lq)
     kl = torch.zeros(n, dtype=cdt, device=student.device)
-    grad = (torch.zeros_like(student) if active is not None else torch.empty_like(student)) if need_grad else None
+    grad = _grad_buffer(student, active, need_grad)
     for sel in _rows(n, active, v):
         logp = torch.log_softmax(student[sel].to(cdt) / temperature, dim=-1)
         idc = ids[sel]

@@ -453,4 +453,6 @@ def test_the_fused_path_validates_each_input_once(monkeypatch):
     out.loss.backward()
     assert seen["hidden"] == 1 and seen["weight"] == 1 and seen["teacher_hidden"] == 1, seen
     with pytest.raises(ValueError, match=r"teacher_hidden \[2, 3, 8\] and teacher_weight \[10, 8\]"):
-        fh.fused_hybrid_loss(hid, w, (teacher[0], teacher[1][:10]), torch.zeros(2, 3, dtype=torch.long), torch.rand(2))
+        fh.fused_hybrid_loss(
+            hid, w, (teacher[0], teacher[1][:10]), torch.zeros(2, 3, dtype=torch.long), torch.rand(2)
+        )
