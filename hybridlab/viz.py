@@ -93,9 +93,13 @@ def bars(
         ax.axhline(hline, color="k", ls="--", lw=1, label=hline_label)
         if hline_label:
             ax.legend(loc="best", fontsize=8)
-    if annotate:
-        for xi, v, s in zip(x, vals, shown):
-            ax.annotate(f"{v:.2g}", (xi, s), ha="center", va="bottom", fontsize=8)
+    if (
+        annotate
+    ):  # the value just beyond the bar's end (and its error bar): above if positive, below if negative
+        errs = np.zeros_like(vals) if errors is None else np.abs(_np(errors))
+        for xi, v, s, e in zip(x, vals, shown, errs):
+            end = s * (1 + e / abs(v)) if log and v else (s + e if v >= 0 else s - e)
+            ax.annotate(f"{v:.2g}", (xi, end), ha="center", va="bottom" if v >= 0 else "top", fontsize=8)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     return _done(fig)
 
