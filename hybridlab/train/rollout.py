@@ -95,10 +95,13 @@ def generation_config(
     """Full-vocabulary sampling at `temperature` (or greedy), every logits processor explicitly off."""
     from transformers import GenerationConfig
 
-    mode = {"do_sample": False} if greedy else {"do_sample": True, "temperature": float(temperature)}
+    # greedy: argmax, which the sampling-only warpers (top-k, top-p ...) would not change anyway
+    mode = {"do_sample": False} if greedy else {
+        "do_sample": True, "temperature": float(temperature), "top_k": 0, "top_p": 1.0, "min_p": None,
+        "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+    }  # fmt: skip
     return GenerationConfig(
-        **mode, top_k=0, top_p=1.0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
-        repetition_penalty=1.0, no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0,
+        **mode, repetition_penalty=1.0, no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0,
         min_new_tokens=0, max_new_tokens=max_new_tokens, bad_words_ids=None, suppress_tokens=None,
         begin_suppress_tokens=None, forced_bos_token_id=None, forced_eos_token_id=None, sequence_bias=None,
         renormalize_logits=False, use_cache=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids,
