@@ -53,7 +53,7 @@ class TrainConfig:
     # -- models and data
     student: str = _f("", "student model folder (safetensors); a hub name only where you have network")
     teacher: str = _f("", "teacher model folder; must cover the student's vocabulary")
-    tokenizer: str | None = _f(None, "tokenizer folder (default: the student's folder)")
+    tokenizer: str | None = _f(None, "tokenizer folder; unset: the student's folder")
     prompts: str = _f("", 'JSONL of training prompts, one {"prompt": str, "answer": str (optional)} per line')
     eval_prompts: str | None = _f(
         None, "JSONL of evaluation prompts (same format); evaluated every eval_every steps"
