@@ -153,3 +153,16 @@ def test_one_token_view_splits_one_response(toy):
     assert torch.allclose(view["logratios"], (logp - logq)[: int(space.mask[i].sum())], atol=1e-12)
     with pytest.raises(ValueError, match="1..3"):
         M.one_token_view(student, teacher, space.actions[i], space.mask[i], t=4)
+
+
+def test_trl_kl_div_argument_order_at_beta_one_is_the_reverse_kl(toy):
+    """TRL's generalized JSD at beta = 1 is F.kl_div(teacher_log_probs, student_log_probs, log_target=True) summed
+    over the vocabulary: KL(student || teacher), the per-state KL that gkd_loss and hybridlab's dense term use."""
+    student, teacher, space, *_ = toy
+    logp = torch.log_softmax(student(space.actions), -1)
+    logq = torch.log_softmax(teacher(space.actions), -1)
+    trl_beta1 = torch.nn.functional.kl_div(logq, logp, reduction="none", log_target=True).sum(-1)
+    trl_beta0 = torch.nn.functional.kl_div(logp, logq, reduction="none", log_target=True).sum(-1)
+    _, _, kl = M.token_terms(student(space.actions), teacher(space.actions), space.actions, space.mask)
+    assert torch.allclose(trl_beta1[space.mask], kl[space.mask], atol=1e-13)
+    assert not torch.allclose(trl_beta0[space.mask], kl[space.mask], atol=1e-3)  # beta = 0 is the forward KL
