@@ -5,7 +5,7 @@ import torch
 
 from hybridlab import controls as C
 from hybridlab import exact as E
-from hybridlab import hybrid_loss
+from hybridlab import dense_kl, hybrid_loss
 from hybridlab import methods as M
 
 
@@ -144,12 +144,13 @@ def test_one_token_view_splits_one_response(toy):
     student, teacher, space, *_ = toy
     i = int(space.mask.sum(1).argmax())
     view = M.one_token_view(student, teacher, space.actions[i], space.mask[i], t=2)
-    from hybridlab import dense_kl
-
-    kl = dense_kl(student(space.actions[i : i + 1]), teacher(space.actions[i : i + 1]), backend="torch")[0]
+    with torch.no_grad():
+        kl = dense_kl(student(space.actions[i : i + 1]), teacher(space.actions[i : i + 1]), backend="torch")[
+            0
+        ]
+        logp = E.token_logprobs(student, space.actions[i : i + 1], space.mask[i : i + 1])[0]
+        logq = E.token_logprobs(teacher, space.actions[i : i + 1], space.mask[i : i + 1])[0]
     assert abs(view["kl_t"] - float(kl[1])) < 1e-12
-    logp = E.token_logprobs(student, space.actions[i : i + 1], space.mask[i : i + 1])[0]
-    logq = E.token_logprobs(teacher, space.actions[i : i + 1], space.mask[i : i + 1])[0]
     assert torch.allclose(view["logratios"], (logp - logq)[: int(space.mask[i].sum())], atol=1e-12)
     with pytest.raises(ValueError, match="1..3"):
         M.one_token_view(student, teacher, space.actions[i], space.mask[i], t=4)
