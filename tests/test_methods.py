@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from hybridlab import controls as C
-from hybridlab import exact as E
 from hybridlab import dense_kl, hybrid_loss
+from hybridlab import exact as E
 from hybridlab import methods as M
 
 
