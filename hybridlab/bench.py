@@ -347,7 +347,8 @@ def _short(dtype: torch.dtype) -> str:
     ]
 
 
-def print_dense_table(device_name, dtype, rows, copy_gbs, file=sys.stdout):
+def print_dense_table(device_name, dtype, rows, copy_gbs, file=None):
+    file = file or sys.stdout  # looked up per call: a default bound at import misses a redirected stdout
     elem = torch.empty((), dtype=dtype).element_size()
     print(f"# dense KL fwd+bwd on {device_name}, {_short(dtype)}", file=file)
     print(
@@ -374,7 +375,8 @@ def print_dense_table(device_name, dtype, rows, copy_gbs, file=sys.stdout):
             )
 
 
-def print_fused_table(device_name, dtype, size, results, floor_ms, file=sys.stdout):
+def print_fused_table(device_name, dtype, size, results, floor_ms, file=None):
+    file = file or sys.stdout
     n, v, h = size
     print(f"\n# fused linear KL fwd+bwd on {device_name}: N={n}, V={v}, H={h}, {_short(dtype)}", file=file)
     print(f"# matmul floor (4 x [N,H]x[H,V] products, standalone): {floor_ms:.3f} ms", file=file)
