@@ -37,6 +37,7 @@ from ._checks import (
     shape_of,
 )
 from ._logits import CHUNK_ELEMENTS, add_score_grad, compute_dtype, row_logsumexp, selected_logprob
+from ._torch_ref import dense_kl_torch
 
 # impl(student [N,V], teacher [N,V], active_rows [N] bool | None, temperature, need_grad, teacher_floor)
 #   -> (kl [N] fp32/fp64 with 0 on inactive rows, grad [N,V] in student's dtype (0 on inactive rows) | None)
@@ -62,36 +63,8 @@ def dense_kl_reference(
     return (p * diff).sum(-1)
 
 
-def _torch_impl(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    active: torch.Tensor | None,
-    temperature: float,
-    need_grad: bool,
-    teacher_floor: float | None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    n, v = student.shape
-    cdt = compute_dtype(student, teacher)
-    kl = torch.zeros(n, dtype=cdt, device=student.device)
-    grad = None
-    if need_grad:
-        grad = torch.zeros_like(student) if active is not None else torch.empty_like(student)
-    rows = None if active is None else active.nonzero().squeeze(1)
-    n_rows = n if rows is None else rows.numel()
-    chunk = max(1, TORCH_CHUNK_ELEMENTS // v)
-    for start in range(0, n_rows, chunk):
-        sel = slice(start, min(start + chunk, n_rows)) if rows is None else rows[start : start + chunk]
-        logp = torch.log_softmax(student[sel].to(cdt) / temperature, dim=-1)
-        logq = torch.log_softmax(teacher[sel].to(cdt), dim=-1)
-        if teacher_floor is not None:
-            logq = logq.clamp_min(teacher_floor)
-        p = logp.exp()
-        diff = torch.where(p > 0, logp - logq, 0.0)  # 0 log 0 = 0, also when both sides are -inf
-        kl_rows = (p * diff).sum(-1)
-        kl[sel] = kl_rows
-        if grad is not None:
-            grad[sel] = (p * (diff - kl_rows[:, None]) / temperature).to(student.dtype)
-    return kl, grad
+# The closed form in PyTorch lives below this module and the kernels (no import circle).
+_torch_impl = dense_kl_torch
 
 
 def _triton_impl(*args, **kwargs):

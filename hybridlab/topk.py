@@ -50,7 +50,8 @@ from ._checks import (
     first_order_only,
     shape_of,
 )
-from .dense import TORCH_CHUNK_ELEMENTS, compute_dtype, resolve_backend
+from ._torch_ref import topk_kl_torch
+from .dense import compute_dtype, resolve_backend
 
 # Unit roundoff (half an ulp, relative) of the formats teachers send log-probabilities in.
 UNIT_ROUNDOFF = {
@@ -153,42 +154,7 @@ def teacher_log_tail(
     return q_up.log().to(torch.float32 if lq.dtype != torch.float64 else torch.float64)
 
 
-def _topk_torch_impl(
-    student: torch.Tensor,
-    lq: torch.Tensor,
-    ids: torch.Tensor,
-    log_qt: torch.Tensor,
-    active: torch.Tensor | None,
-    temperature: float,
-    need_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Closed form in PyTorch, chunked over rows: [N, V], [N, K], [N, K], [N] -> (kl [N], grad [N, V] | None)."""
-    n, v = student.shape
-    cdt = compute_dtype(student, lq)
-    kl = torch.zeros(n, dtype=cdt, device=student.device)
-    grad = None
-    if need_grad:
-        grad = torch.zeros_like(student) if active is not None else torch.empty_like(student)
-    rows = None if active is None else active.nonzero().squeeze(1)
-    n_rows = n if rows is None else rows.numel()
-    chunk = max(1, TORCH_CHUNK_ELEMENTS // v)
-    for start in range(0, n_rows, chunk):
-        sel = slice(start, min(start + chunk, n_rows)) if rows is None else rows[start : start + chunk]
-        logp = torch.log_softmax(student[sel].to(cdt) / temperature, dim=-1)
-        idc = ids[sel]
-        logp_k = logp.gather(1, idc)
-        # The tail log-mass summed over the tail itself (top-k entries set to -inf), not as 1 - P_top.
-        logp_t = logp.scatter(1, idc, float("-inf")).logsumexp(-1)
-        p_k, p_t = logp_k.exp(), logp_t.exp()
-        r_k = torch.where(p_k > 0, logp_k - lq[sel].to(cdt), 0.0)  # 0 log 0 = 0
-        r_t = torch.where(p_t > 0, logp_t - log_qt[sel].to(cdt), 0.0)
-        kl_rows = (p_k * r_k).sum(-1) + p_t * r_t
-        kl[sel] = kl_rows
-        if grad is not None:
-            g = logp.exp_().mul_((r_t - kl_rows)[:, None])  # every column gets the tail coefficient ...
-            g.scatter_(1, idc, p_k * (r_k - kl_rows[:, None]))  # ... then the top-k columns their own
-            grad[sel] = (g / temperature).to(student.dtype)
-    return kl, grad
+_topk_torch_impl = topk_kl_torch  # the closed form in PyTorch (below this module and the kernels)
 
 
 def _topk_triton_impl(*args, **kwargs):
