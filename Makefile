@@ -12,13 +12,22 @@ VPY   := $(VENV)/bin/python
 # Jupyter refuses to run as root without --allow-root (containers, CI).
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 STAMP := $(VENV)/.hybridlab-installed
+# One stamp per torch spec: `make test TORCH_SPEC=...` on an existing .venv reinstalls torch, never silently keeps
+# the old build.
+TORCH_STAMP := $(VENV)/.torch-spec-$(shell printf '%s' '$(TORCH_SPEC)' | cksum | cut -d' ' -f1)
 
 .PHONY: install lab test test-unit test-notebooks test-browser lint format bench bench-gpu real-model clean
 
-$(STAMP): pyproject.toml
+$(TORCH_STAMP):
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install -q $(TORCH_SPEC)
-	$(VPY) -m pip install -q -e ".[dev]"
+	@echo ">>> installing $(TORCH_SPEC) into $(VENV) (a CUDA build is ~2.7 GB: several minutes on a first install)"
+	$(VPY) -m pip install --progress-bar on $(TORCH_SPEC)
+	@rm -f $(VENV)/.torch-spec-* $(STAMP)
+	@touch $@
+
+$(STAMP): pyproject.toml $(TORCH_STAMP)
+	@echo ">>> installing hybridlab and its dependencies into $(VENV)"
+	$(VPY) -m pip install --progress-bar on -e ".[dev]"
 	@touch $(STAMP)
 
 install: $(STAMP)
