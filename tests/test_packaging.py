@@ -57,3 +57,26 @@ def test_notebooks_are_numbered_and_stored_without_outputs():
         for cell in nb["cells"]:
             if cell["cell_type"] == "code":
                 assert not cell.get("outputs"), f"{path.name} is stored with outputs (strip them)"
+
+
+def test_a_new_torch_spec_reinstalls_torch(tmp_path):
+    """`make test TORCH_SPEC=...` on an existing environment must install that torch, not keep the old one."""
+    venv = tmp_path / "venv"
+    venv.mkdir()
+
+    def dry_run(spec):
+        out = subprocess.run(
+            ["make", "-n", "install", f"VENV={venv}", f"TORCH_SPEC={spec}"],
+            cwd=ROOT, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return out.stdout
+
+    first = dry_run("torch==2.13.0")
+    assert "pip install --progress-bar on torch==2.13.0" in first
+    stamp = re.search(r"touch (\S+\.torch-spec-\d+)", first).group(1)
+    Path(stamp).touch()  # as if that spec were installed
+    (venv / ".hybridlab-installed").touch()
+    assert "pip install" not in dry_run("torch==2.13.0")  # same spec: nothing to do
+    assert "pip install --progress-bar on torch==2.14.1" in dry_run(
+        "torch==2.14.1"
+    )  # another spec: reinstall
