@@ -144,6 +144,46 @@ def gkd_loss(
     return beta * (c * per_seq).sum()
 
 
+def trl_distillation_loss(
+    student_logits,
+    teacher_logits,
+    actions,
+    rewards,
+    *,
+    mask=None,
+    seq_weights=None,
+    temperature: float = 1.0,
+    **_,
+) -> torch.Tensor:
+    """TRL's own code: `trl.trainer.distillation_trainer._chunked_divergence_loss` at beta = 1 (reverse KL), with
+    identity LM heads so that its "hidden states" are our logits. A token mean over the batch; TRL computes in
+    float32. Needs `trl` (in hybridlab's dev extra); a batch rule (no seq_weights).
+    """
+    try:
+        from trl.trainer.distillation_trainer import _chunked_divergence_loss
+    except ImportError as err:  # pragma: no cover - trl is in the dev extra
+        raise ImportError(
+            "trl_distillation_loss needs trl>=1.16 (pip install -e '.[dev]' or '.[trl]')"
+        ) from err
+    if seq_weights is not None:
+        raise ValueError("trl_distillation_loss is a batch rule (a token mean): pass no seq_weights")
+    if temperature != 1.0:
+        raise ValueError("TRL divides the teacher's logits by the temperature too: compare at temperature 1")
+    mask = _mask(mask, actions)
+    v = student_logits.shape[-1]
+    eye = torch.eye(v, dtype=student_logits.dtype, device=student_logits.device)
+    loss, _, _ = _chunked_divergence_loss(
+        student_logits,
+        teacher_logits.detach(),
+        eye,
+        eye,
+        mask.long(),
+        beta=1.0,
+        num_items_in_batch=mask.sum(),
+    )
+    return loss.to(student_logits.dtype)
+
+
 def opd_loss(
     student_logits,
     teacher_logits,
@@ -335,6 +375,7 @@ class MethodCheck:
     vs_grad_j: float  # ||E[rule] - grad J|| / ||grad J||, J with the row's own weights
     unbiased: bool  # the claim: E[rule] == grad J (True) or not (False)
     verdict: str  # what the rule gets right or wrong about grad J
+    tol: float = 1e-10  # the agreement `match` must reach (float64 rules: rounding; TRL's float32 code: 1e-5)
 
     @property
     def expressible(self) -> bool:
@@ -382,7 +423,7 @@ def method_map(
     rows: list[MethodCheck] = []
 
     def add(name, rule, setting_kw, wrong_kw, j_weights, unbiased, verdict, *, batch=False, setting_fn=hybrid_loss,
-            setting_text=None):  # fmt: skip
+            setting_text=None, tol=1e-10):  # fmt: skip
         evaluate = grouped if batch else expected
         grad_j = E.exact_gradient(*(ctx_g if batch else ctx), lam=j_weights[0], beta=j_weights[1])
         e_rule = evaluate(rule)
@@ -403,6 +444,7 @@ def method_map(
                 vs_grad_j=_rel(e_rule, grad_j),
                 unbiased=unbiased,
                 verdict=verdict,
+                tol=tol,
             )
         )
 
@@ -425,6 +467,17 @@ def method_map(
         False,
         "myopic, and a token mean over the batch (a ratio of random sums): not grad KL",
         batch=True,
+    )
+    add(
+        f"TRL DistillationTrainer, its own code (_chunked_divergence_loss, float32, batch of {g})",
+        trl_distillation_loss,
+        dict(**distill, future="none", normalize="tokens"),
+        dict(**distill, future="analytic", normalize="tokens"),
+        (0.0, 1.0),
+        False,
+        "the same rule as the row above, run through TRL itself (agreement to float32 rounding)",
+        batch=True,
+        tol=1e-5,
     )
     add(
         "GKD with forward KL (TRL beta=0) on the student's samples, summed over tokens",
