@@ -448,27 +448,11 @@ class HybridGRPOTrainer(GRPOTrainer):
     def _check_vocab(self, student, teacher, teacher_path: str) -> int:
         """The student's vocabulary size V. The teacher must cover it (a larger, padded teacher head is sliced to
         the first V ids, with a warning); the tokenizer must fit in it."""
-        vs, vt, nt = _config_vocab(student), _config_vocab(teacher), len(self._tokenizer)
-        student_path = getattr(student.config, "_name_or_path", "") or type(student).__name__
-        if vs < nt:
-            raise ValueError(
-                f"vocabulary mismatch: student {student_path!r} has vocab_size={vs} but the tokenizer has {nt} tokens"
-            )
-        if vt < vs:
-            raise ValueError(
-                f"vocabulary mismatch: student {student_path!r} has vocab_size={vs}, teacher {teacher_path!r} has "
-                f"vocab_size={vt}; they must share the tokenizer ({nt} tokens) and the teacher must cover every "
-                "student id"
-            )
-        if vt > vs:
-            import warnings
+        from ..train.loading import check_vocab_sizes
 
-            warnings.warn(
-                f"teacher {teacher_path!r} has vocab_size={vt} > the student's {vs} (tokenizer: {nt} tokens): its "
-                f"logits are sliced to the first {vs} ids",
-                stacklevel=3,
-            )
-        return vs
+        student_path = getattr(student.config, "_name_or_path", "") or type(student).__name__
+        vs, vt = _config_vocab(student), _config_vocab(teacher)
+        return check_vocab_sizes(vs, vt, len(self._tokenizer), student_path, teacher_path)
 
     # -- generation: keep GRPO's, add what the hybrid loss needs ---------------------------------------------
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):

@@ -74,7 +74,11 @@ def check_vocab(student, teacher, tokenizer, student_path: str, teacher_path: st
     """
     vs = student.get_output_embeddings().weight.shape[0]
     vt = teacher.get_output_embeddings().weight.shape[0]
-    nt = len(tokenizer)
+    return check_vocab_sizes(vs, vt, len(tokenizer), student_path, teacher_path)
+
+
+def check_vocab_sizes(vs: int, vt: int, nt: int, student_path: str, teacher_path: str) -> int:
+    """The rule of `check_vocab` on sizes: student V `vs`, teacher V `vt`, `nt` tokenizer tokens; returns vs."""
     if vs < nt:
         raise ValueError(
             f"vocabulary mismatch: student {student_path!r} has vocab_size={vs} but the tokenizer has {nt} tokens"
