@@ -22,7 +22,14 @@ Python API (the controls call the same methods)::
     lab.history["reward"], lab.history["kl"]    # one entry per optimiser step
 
 Figures are rendered with Agg into an `ipywidgets.Image`, so they update in place (no flicker, no new outputs)
-whatever the matplotlib backend, and redraw a few times a second while a run is in progress.
+whatever the matplotlib backend, and redraw a few times a second while a run is in progress. The widgets (and
+the live figure) are built the first time `lab.widget` (or `controls`, `buttons`, `image`) is used: a lab driven
+from Python only renders its dashboard when asked (`lab.show()`), and a notebook stores widget state only for the
+labs it displays.
+
+cos(dense, sparse) is shown only where both gradient norms exceed `COSINE_MIN_NORM` times the run's largest
+norm (`visible_cosine`): the angle between two vanishing vectors is rounding noise (it swings between -1 and 1
+once pure imitation has converged), and with beta = 0 or lam = beta = 0 one part is exactly zero.
 """
 
 from __future__ import annotations
@@ -89,6 +96,8 @@ DEFAULTS = {
     "mode": "exact",
     "reward": "count0",
 }
+#: cos(dense, sparse) is drawn only where both norms exceed this fraction of the run's largest gradient norm.
+COSINE_MIN_NORM = 1e-3
 _CHOICES = {
     "future": FUTURE_ESTIMATORS,
     "baseline": BASELINES,
@@ -180,6 +189,19 @@ def _trace_variance(per: torch.Tensor) -> float:
 # --------------------------------------------------------------------------------------------------- plotting
 
 
+def visible_cosine(history: Mapping[str, Sequence[float]], rel: float = COSINE_MIN_NORM) -> np.ndarray:
+    """history["cosine"] with NaN (not drawn) wherever min(dense_norm, sparse_norm) < rel x the largest norm of
+    the run: there the angle is between vanishing (or exactly zero) vectors and carries no information."""
+    cos = np.asarray(history["cosine"], dtype=float)
+    d = np.asarray(history["dense_norm"], dtype=float)
+    sp = np.asarray(history["sparse_norm"], dtype=float)
+    if cos.size == 0:
+        return cos
+    peak = float(np.nanmax(np.maximum(d, sp)))
+    small = np.minimum(d, sp) < rel * peak if peak > 0 else np.ones_like(cos, dtype=bool)
+    return np.where(small, np.nan, cos)
+
+
 def figure_png(fig: Figure, dpi: float | None = None) -> bytes:
     """Render a (pyplot-free) matplotlib Figure to PNG bytes with Agg."""
     if not isinstance(fig.canvas, FigureCanvasAgg):
@@ -221,6 +243,27 @@ _TITLES = {
 }
 
 
+_YLABELS = {
+    "reward": "E[R]",
+    "kl": "KL (nats)",
+    "objective": "J",
+    "dist_to_opt": "TV distance",
+    "hack": "probability",
+    "dense_norm": "norm (∇J scale)",
+    "sparse_norm": "norm (∇J scale)",
+    "norms": "norm (∇J scale)",
+    "cosine": "cosine",
+    "grad_var": "trace of covariance",
+    "dist": "probability",
+}
+
+
+def _series(hist: Mapping[str, Sequence[float]], key: str) -> np.ndarray:
+    if key == "cosine" and {"dense_norm", "sparse_norm"} <= set(hist):
+        return visible_cosine(hist)
+    return np.asarray(hist[key], dtype=float)
+
+
 def plot_histories(
     runs: Mapping[str, Mapping[str, Sequence[float]]],
     keys: Sequence[str] = ("reward", "kl", "dist_to_opt"),
@@ -229,26 +272,31 @@ def plot_histories(
     logy: Sequence[str] = ("grad_var",),
     title: str | None = None,
 ) -> Figure:
-    """Compare several labs' histories: one panel per key, one line per run (label -> history)."""
+    """Compare several labs' histories: one panel per key, one line per run (label -> history). The legend sits
+    below the panels (it never covers a curve); "cosine" is drawn only where it is defined (`visible_cosine`)."""
     ncols = ncols or min(len(keys), 4)
     nrows = math.ceil(len(keys) / ncols)
-    fig = Figure(figsize=(3.3 * ncols, 2.6 * nrows), dpi=90, layout="constrained")
+    fig = Figure(figsize=(3.4 * ncols, 2.5 * nrows + 0.5), dpi=90, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, key in zip(axes, keys):
         for label, hist in runs.items():
-            y = np.asarray(hist[key], dtype=float)
+            y = _series(hist, key)
             x = np.asarray(hist.get("step", range(1, len(y) + 1)), dtype=float)
             ax.plot(x, y, label=label, lw=1.5)
         if key in logy and _has_positive(ax):
             ax.set_yscale("log")
         ax.set_title(_TITLES.get(key, key), fontsize=10)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=8)
+        ax.set_xlabel("optimiser step", fontsize=9)
+        ax.set_ylabel(_YLABELS.get(key, key), fontsize=9)
+        ax.tick_params(labelsize=9)
         ax.grid(alpha=0.3)
     for ax in axes[len(keys) :]:
         ax.set_visible(False)
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(
+        handles, labels, loc="outside lower center", ncols=min(len(labels), 5), fontsize=9, frameon=False
+    )
     if title:
         fig.suptitle(title, fontsize=11)
     return fig
@@ -276,11 +324,11 @@ class _Dashboard:
     )
 
     def __init__(self, labels: Sequence[str], loophole_index: int):
-        self.fig = Figure(figsize=(12.5, 5.6), dpi=72)
+        self.fig = Figure(figsize=(12.5, 6.0), dpi=80)
         FigureCanvasAgg(self.fig)
         axes = self.fig.subplots(2, 4).ravel()
         # A fixed layout: a layout engine would re-measure every label at every redraw (2x slower).
-        self.fig.subplots_adjust(left=0.045, right=0.99, top=0.95, bottom=0.13, wspace=0.32, hspace=0.42)
+        self.fig.subplots_adjust(left=0.06, right=0.99, top=0.94, bottom=0.14, wspace=0.42, hspace=0.45)
         self.axes: dict[str, object] = {}
         self.lines: dict[str, object] = {}
         self.ghosts: dict[str, object] = {}  # the run before the last reset, drawn faintly for comparison
@@ -294,27 +342,35 @@ class _Dashboard:
                 (self.ghosts[key],) = ax.plot(
                     [], [], lw=1.2, color=colors.get(key, "C0"), alpha=0.3, zorder=1
                 )
-            title = "gradient norms (∇J scale)" if panel == "norms" else _TITLES[panel]
-            ax.set_title(title, fontsize=10)
-            ax.tick_params(labelsize=8)
+            title = "‖dense‖, ‖sparse‖" if panel == "norms" else _TITLES[panel]
+            ax.set_title(title, fontsize=10, loc="left" if panel == "norms" else "center")
+            ax.set_ylabel(_YLABELS[panel], fontsize=9)
+            ax.tick_params(labelsize=9)
             ax.grid(alpha=0.3)
-        self.axes["norms"].legend(fontsize=8, loc="upper right")
+        # above the panel, right of its title: the legend never covers the curves
+        self.axes["norms"].legend(fontsize=8, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=2,
+                                  frameon=False, borderaxespad=0.1, handlelength=1.2)  # fmt: skip
         self.axes["cosine"].set_ylim(-1.05, 1.05)
         self.var_note = self.axes["grad_var"].text(
             0.5, 0.5, "exact mode:\nno sampling noise", ha="center", va="center",
             transform=self.axes["grad_var"].transAxes, fontsize=10, color="0.4",
         )  # fmt: skip
+        self.cos_note = self.axes["cosine"].text(
+            0.5, 0.5, "", ha="center", va="center", transform=self.axes["cosine"].transAxes, fontsize=9,
+            color="0.4",
+        )  # fmt: skip
         for panel in ("norms", "cosine", "grad_var", "objective"):
-            self.axes[panel].set_xlabel("step", fontsize=8)
+            self.axes[panel].set_xlabel("optimiser step", fontsize=9)
         ax = self.axes["dist"] = axes[7]
         x = np.arange(len(labels))
         self.bars = ax.bar(x, np.zeros(len(labels)), color="C0", alpha=0.75, label="π_θ")
         (self.teacher_marks,) = ax.plot(x, np.zeros(len(labels)), "k_", ms=10, mew=2, label="π_T")
         (self.opt_marks,) = ax.plot(x, np.zeros(len(labels)), "o", color="C3", ms=4, label="π*")
-        ax.set_xticks(x, labels, rotation=90, fontsize=8, family="monospace")
+        ax.set_xticks(x, labels, rotation=90, fontsize=9, family="monospace")
         ax.get_xticklabels()[loophole_index].set_color("C3")
         ax.set_title("π_θ (bars), π_T (—), π* (•) per response", fontsize=10)
-        ax.tick_params(axis="y", labelsize=8)
+        ax.set_ylabel(_YLABELS["dist"], fontsize=9)
+        ax.tick_params(axis="y", labelsize=9)
         self.mark_artists: list = []
         self.fig.text(
             0.005,
@@ -327,10 +383,13 @@ class _Dashboard:
     def update(self, history, marks, dist, teacher, optimum, previous) -> None:
         steps = np.asarray(history["step"], dtype=float)
         for key, line in self.lines.items():
-            line.set_data(steps, np.asarray(history[key], dtype=float))
-            self.ghosts[key].set_data(
-                np.asarray(previous["step"], dtype=float), np.asarray(previous[key], dtype=float)
-            )
+            line.set_data(steps, _series(history, key))
+            self.ghosts[key].set_data(np.asarray(previous["step"], dtype=float), _series(previous, key))
+        cos = self.lines["cosine"].get_ydata()
+        hidden = len(cos) > 0 and not np.isfinite(np.asarray(cos, dtype=float)[-1])
+        self.cos_note.set_text(
+            f"hidden: a gradient norm\n< {COSINE_MIN_NORM:g} × the run's peak" if hidden else ""
+        )
         for artist in self.mark_artists:
             artist.remove()
         self.mark_artists = [
@@ -421,8 +480,8 @@ class MixingLab:
         self.marks: list[tuple[int, str]] = []  # (step, "lam=0.3") where settings changed mid-training
         self.timings = {"train_s": 0.0, "draw_s": 0.0, "draws": 0}
         self._syncing = False
-        self._dashboard = _Dashboard(self.labels, self.loophole_index)
-        self._build_widgets()
+        self._dashboard: _Dashboard | None = None  # built on first use (`figure`, `show`, `widget`)
+        self._widgets: dict | None = None  # built on first use (`widget`, `controls`, `buttons`, `image`)
         self.reset()
         if settings:
             self.set(**settings)
@@ -446,8 +505,9 @@ class MixingLab:
                 label = self.marks[-1][1] + ", " + label
                 self.marks.pop()
             self.marks.append((n, label))
-        self._sync_widgets(changed)
-        self._refresh_status()
+        if self._widgets is not None:
+            self._sync_widgets(changed)
+            self._refresh_status()
         return self
 
     def _validate(self, name: str, value):
@@ -650,19 +710,10 @@ class MixingLab:
 
     # -------------------------------------------------------------------------------------------- drawing
 
-    @property
-    def figure(self) -> Figure:
-        """The dashboard's matplotlib Figure (redrawn in place)."""
-        return self._dashboard.fig
-
-    @property
-    def lines(self) -> dict:
-        """The dashboard's Line2D per history key."""
-        return self._dashboard.lines
-
-    def redraw(self) -> None:
-        """Update the figure from the history and push a fresh PNG to the image widget."""
-        start = time.perf_counter()
+    def _updated_dashboard(self) -> _Dashboard:
+        """The dashboard (built on first use) with the current history drawn in."""
+        if self._dashboard is None:
+            self._dashboard = _Dashboard(self.labels, self.loophole_index)
         optimum = self.optimum()
         self._dashboard.update(
             self.history,
@@ -672,23 +723,72 @@ class MixingLab:
             None if optimum is None else optimum.numpy(),
             self.previous,
         )
-        self.image.value = self._dashboard.png()
+        return self._dashboard
+
+    @property
+    def figure(self) -> Figure:
+        """The dashboard's matplotlib Figure, up to date."""
+        return self._updated_dashboard().fig
+
+    @property
+    def lines(self) -> dict:
+        """The dashboard's Line2D per history key, up to date."""
+        return self._updated_dashboard().lines
+
+    def redraw(self) -> None:
+        """Push a fresh PNG of the dashboard to the image widget; a lab whose widgets were never built has
+        nothing on screen, so it draws nothing (`show()` draws on demand)."""
+        if self._widgets is None:
+            return
+        start = time.perf_counter()
+        self._widgets["image"].value = self._updated_dashboard().png()
         self.timings["draw_s"] = time.perf_counter() - start
         self.timings["draws"] += 1
         self._refresh_status()
 
     def show(self):
-        """The dashboard as a static IPython Image (for notebooks and reports)."""
+        """The dashboard now, as a static IPython Image (for notebooks and reports; builds no widget)."""
         from IPython.display import Image
 
-        return Image(data=self.image.value, format="png")
+        return Image(data=self._updated_dashboard().png(), format="png")
 
     # -------------------------------------------------------------------------------------------- widgets
+
+    def _ui(self) -> dict:
+        if self._widgets is None:
+            self._build_widgets()
+            self._sync_widgets(self.settings)  # widens a slider's range for a value set from Python
+            self.redraw()
+        return self._widgets
+
+    @property
+    def widget(self) -> W.Box:
+        """The lab as one ipywidgets box (controls, buttons, status line, live figure); built on first use."""
+        return self._ui()["widget"]
+
+    @property
+    def controls(self) -> dict:
+        """Setting name -> its slider or dropdown (builds the widgets)."""
+        return self._ui()["controls"]
+
+    @property
+    def buttons(self) -> dict:
+        """ "run", "step", "reset" -> its button (builds the widgets)."""
+        return self._ui()["buttons"]
+
+    @property
+    def image(self) -> W.Image:
+        """The live figure's image widget (builds the widgets)."""
+        return self._ui()["image"]
+
+    @property
+    def status(self) -> W.HTML:
+        return self._ui()["status"]
 
     def _build_widgets(self) -> None:
         style = {"description_width": "90px"}
         s = self.settings
-        self.controls: dict[str, W.ValueWidget] = {
+        controls: dict[str, W.ValueWidget] = {
             "lam": W.FloatSlider(value=s["lam"], min=0, max=5, step=0.05, description="λ (reward)"),
             "beta": W.FloatSlider(value=s["beta"], min=0, max=2, step=0.05, description="β (KL)"),
             "gamma": W.FloatSlider(value=s["gamma"], min=0, max=1, step=0.05, description="γ (future)"),
@@ -718,42 +818,40 @@ class MixingLab:
             "mode": "exact: expected gradient over all 15 responses; sampled: Monte Carlo batches",
             "reward": "count0: fraction of 'a'; loophole: count0 but 'bbb' scores 2; random: N(0,1) table",
         }
-        for name, control in self.controls.items():
+        for name, control in controls.items():
             control.style = style
             control.layout = W.Layout(width="340px")
             control.tooltip = tips.get(name)
             control.add_class(f"hybridlab-{name}")
             control.observe(self._on_control, names="value")
-        self.buttons = {
+        buttons = {
             "run": W.Button(description="Run", button_style="success", icon="play"),
             "step": W.Button(description="Step", icon="step-forward"),
             "reset": W.Button(description="Reset", button_style="warning", icon="undo"),
         }
-        for name, button in self.buttons.items():
+        for name, button in buttons.items():
             button.layout = W.Layout(width="105px")
             button.add_class(f"hybridlab-{name}")
-        self.buttons["run"].on_click(lambda _: self._guarded(lambda: self.run(live=True)))
-        self.buttons["step"].on_click(lambda _: self._guarded(self.step))
-        self.buttons["reset"].on_click(lambda _: self._guarded(self.reset))
-        self.status = W.HTML(layout=W.Layout(width="340px"))
-        self.status.add_class("hybridlab-status")
-        self.image = W.Image(
-            format="png", layout=W.Layout(flex="1 1 600px", min_width="0", max_width="900px")
-        )
-        self.image.add_class("hybridlab-figure")
+        buttons["run"].on_click(lambda _: self._guarded(lambda: self.run(live=True)))
+        buttons["step"].on_click(lambda _: self._guarded(self.step))
+        buttons["reset"].on_click(lambda _: self._guarded(self.reset))
+        status = W.HTML(layout=W.Layout(width="340px"))
+        status.add_class("hybridlab-status")
+        image = W.Image(format="png", layout=W.Layout(flex="1 1 600px", min_width="0", max_width="900px"))
+        image.add_class("hybridlab-figure")
         panel = W.VBox(
             layout=W.Layout(flex="0 0 350px"),
             children=[
                 W.HTML("<b>Mixing-weights lab</b> &nbsp; J = λ E[R] − β KL(π‖π<sub>T</sub>)"),
-                *self.controls.values(),
-                W.HBox(list(self.buttons.values())),
-                self.status,
+                *controls.values(),
+                W.HBox(list(buttons.values())),
+                status,
             ],
         )
-        self.widget = W.HBox(
-            [panel, self.image], layout=W.Layout(flex_flow="row wrap", align_items="flex-start")
-        )
-        self.widget.add_class("hybridlab-mixing-lab")
+        widget = W.HBox([panel, image], layout=W.Layout(flex_flow="row wrap", align_items="flex-start"))
+        widget.add_class("hybridlab-mixing-lab")
+        self._widgets = {"controls": controls, "buttons": buttons, "status": status, "image": image,
+                         "widget": widget}  # fmt: skip
 
     def _on_control(self, change) -> None:
         if self._syncing:
@@ -786,7 +884,7 @@ class MixingLab:
             self._syncing = False
 
     def _refresh_status(self) -> None:
-        if not hasattr(self, "status"):
+        if self._widgets is None:
             return
         n = len(self.history["step"])
         m, s, t = self.metrics(), self.settings, self.timings

@@ -297,3 +297,46 @@ def test_plot_histories_helper(lab):
     axes = [ax for ax in fig.axes if ax.get_visible()]
     assert len(axes) == 3 and len(axes[0].get_lines()) == 2
     np.testing.assert_array_equal(axes[1].get_lines()[0].get_ydata(), lab.history["kl"])
+
+
+def test_widgets_are_built_only_when_used():
+    lab = MixingLab(seed=0)
+    lab.run(5)
+    assert lab._widgets is None and lab.timings["draws"] == 0  # nothing on screen: nothing drawn
+    png = lab.show().data
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and lab._widgets is None  # a static image builds no widget
+    assert isinstance(lab.widget, W.Box) and lab._widgets is not None
+    assert lab.timings["draws"] == 1 and lab.image.value[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cosine_hidden_where_the_gradients_vanish(lab):
+    from hybridlab.widgets import COSINE_MIN_NORM, visible_cosine
+
+    lab.set(lam=0.0, beta=1.0).run(200)  # pure imitation converges: both parts vanish
+    h = lab.history
+    cos = visible_cosine(h)
+    assert np.isfinite(cos[:5]).all() and np.isnan(cos[-50:]).all()
+    small = np.minimum(h["dense_norm"], h["sparse_norm"]) < COSINE_MIN_NORM * max(
+        max(h["dense_norm"]), max(h["sparse_norm"])
+    )
+    assert np.array_equal(np.isnan(cos), small)
+    assert np.isnan(
+        np.asarray(lab.lines["cosine"].get_ydata(), dtype=float)[-1]
+    )  # the dashboard hides it too
+    lab.reset()
+    lab.set(lam=1.0, beta=0.0).run(20)  # RL only: the dense part is exactly zero, no angle at all
+    assert np.isnan(visible_cosine(lab.history)).all()
+    lab.reset()
+    lab.set(lam=1.0, beta=0.5).run(150)  # hybrid: both parts stay large and cancel
+    assert visible_cosine(lab.history)[-1] < -0.9
+
+
+def test_plots_have_axis_labels_and_legends_outside(lab):
+    lab.run(10)
+    fig = plot_histories({"a": lab.history, "b": lab.history}, keys=("reward", "kl", "cosine"))
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert all(ax.get_ylabel() and ax.get_xlabel() for ax in axes)
+    assert all(ax.get_legend() is None for ax in axes) and len(fig.legends) == 1
+    dash = lab.figure.axes
+    assert all(ax.get_ylabel() for ax in dash)
+    assert min(t.get_fontsize() for ax in dash for t in ax.get_yticklabels()) >= 9
