@@ -291,6 +291,9 @@ def plot_histories(
         ax.set_ylabel(_YLABELS.get(key, key), fontsize=9)
         ax.tick_params(labelsize=9)
         ax.grid(alpha=0.3)
+    longest = max((len(h[keys[0]]) for h in runs.values()), default=1)
+    for ax in axes[: len(keys)]:
+        ax.set_xlim(0.5, longest + 0.5)  # hidden stretches (cosine) keep the full range of steps
     for ax in axes[len(keys) :]:
         ax.set_visible(False)
     handles, labels = axes[0].get_legend_handles_labels()
@@ -342,21 +345,19 @@ class _Dashboard:
                 (self.ghosts[key],) = ax.plot(
                     [], [], lw=1.2, color=colors.get(key, "C0"), alpha=0.3, zorder=1
                 )
-            title = "‖dense‖, ‖sparse‖" if panel == "norms" else _TITLES[panel]
-            ax.set_title(title, fontsize=10, loc="left" if panel == "norms" else "center")
+            # the colours are named in the title: no legend box over the curves
+            title = "‖dense‖ (blue), ‖sparse‖ (orange)" if panel == "norms" else _TITLES[panel]
+            ax.set_title(title, fontsize=10)
             ax.set_ylabel(_YLABELS[panel], fontsize=9)
             ax.tick_params(labelsize=9)
             ax.grid(alpha=0.3)
-        # above the panel, right of its title: the legend never covers the curves
-        self.axes["norms"].legend(fontsize=8, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=2,
-                                  frameon=False, borderaxespad=0.1, handlelength=1.2)  # fmt: skip
         self.axes["cosine"].set_ylim(-1.05, 1.05)
         self.var_note = self.axes["grad_var"].text(
             0.5, 0.5, "exact mode:\nno sampling noise", ha="center", va="center",
             transform=self.axes["grad_var"].transAxes, fontsize=10, color="0.4",
         )  # fmt: skip
         self.cos_note = self.axes["cosine"].text(
-            0.5, 0.5, "", ha="center", va="center", transform=self.axes["cosine"].transAxes, fontsize=9,
+            0.97, 0.04, "", ha="right", va="bottom", transform=self.axes["cosine"].transAxes, fontsize=8,
             color="0.4",
         )  # fmt: skip
         for panel in ("norms", "cosine", "grad_var", "objective"):
@@ -368,7 +369,7 @@ class _Dashboard:
         (self.opt_marks,) = ax.plot(x, np.zeros(len(labels)), "o", color="C3", ms=4, label="π*")
         ax.set_xticks(x, labels, rotation=90, fontsize=9, family="monospace")
         ax.get_xticklabels()[loophole_index].set_color("C3")
-        ax.set_title("π_θ (bars), π_T (—), π* (•) per response", fontsize=10)
+        ax.set_title("π_θ (bars), π_T (—), π* (•)", fontsize=10)
         ax.set_ylabel(_YLABELS["dist"], fontsize=9)
         ax.tick_params(axis="y", labelsize=9)
         self.mark_artists: list = []
@@ -760,6 +761,11 @@ class MixingLab:
             self._sync_widgets(self.settings)  # widens a slider's range for a value set from Python
             self.redraw()
         return self._widgets
+
+    @property
+    def widgets_built(self) -> bool:
+        """Whether this lab's widgets exist (they are built by the first use of `widget`, `controls`, ...)."""
+        return self._widgets is not None
 
     @property
     def widget(self) -> W.Box:

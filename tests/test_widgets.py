@@ -302,10 +302,10 @@ def test_plot_histories_helper(lab):
 def test_widgets_are_built_only_when_used():
     lab = MixingLab(seed=0)
     lab.run(5)
-    assert lab._widgets is None and lab.timings["draws"] == 0  # nothing on screen: nothing drawn
+    assert not lab.widgets_built and lab.timings["draws"] == 0  # nothing on screen: nothing drawn
     png = lab.show().data
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and lab._widgets is None  # a static image builds no widget
-    assert isinstance(lab.widget, W.Box) and lab._widgets is not None
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and not lab.widgets_built  # a static image builds no widget
+    assert isinstance(lab.widget, W.Box) and lab.widgets_built
     assert lab.timings["draws"] == 1 and lab.image.value[:8] == b"\x89PNG\r\n\x1a\n"
 
 

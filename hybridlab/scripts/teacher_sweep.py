@@ -262,6 +262,26 @@ def targets(summary: dict) -> dict:
     return out
 
 
+def format_table(summary: dict) -> str:
+    """A markdown table: per teacher and method, final reward and KL (mean ± std over seeds) and the samples each
+    seed needed to reach RL-only's final reward (— : never)."""
+    lines = [
+        "| teacher (sampled reward) | method | final reward | final KL (nats) | samples to RL-only's final reward |",
+        "| --- | --- | ---: | ---: | --- |",
+    ]
+    for name, s in summary.items():
+        for m in METHODS:
+            if m not in s["methods"]:
+                continue
+            d = s["methods"][m]
+            reach = ", ".join("—" if x is None else f"{x:,}" for x in d.get("samples_to_rl_final", []))
+            lines.append(
+                f"| {name} ({s['teacher_sampled_reward']:.2f}) | {m} | {d['final_reward']['mean']:.3f} ± "
+                f"{d['final_reward']['std']:.3f} | {d['final_kl']['mean']:.2f} ± {d['final_kl']['std']:.2f} | {reach} |"
+            )
+    return "\n".join(lines)
+
+
 def _write_json(path: Path, obj: dict) -> None:
     import os
 
