@@ -203,15 +203,24 @@ def split_paths(digits: int, fmt: str, seed: int = 0, root: str | Path | None = 
     return {s: root / f"chat_add{digits}_{_check_fmt(fmt)}_s{seed}_{s}.jsonl" for s in ("train", "eval")}
 
 
+def with_teacher_messages(rows: list[dict[str, str]], demos: Sequence[tuple[str, str]]) -> list[dict]:
+    """The rows with "teacher_messages": the teacher's chat (the demonstrations, then the row's question), which
+    `hybridlab.train` renders with the chat template as the teacher's prompt (context distillation)."""
+    return [{**r, "teacher_messages": teacher_messages(r["prompt"], demos)} for r in rows]
+
+
 def write_splits(
     n_train: int, n_eval: int, digits: int, fmt: str, seed: int = 0, k_demos: int = 2, root=None
 ) -> dict[str, Path]:
-    """Write `make_splits(...)` as JSONL prompt files ({"prompt", "answer"} per line) for `hybridlab.train`."""
+    """Write `make_splits(...)` as JSONL prompt files for `hybridlab.train`: {"prompt", "answer"} per line, plus
+    "teacher_messages" (the `k_demos` demonstrations before the question) when k_demos > 0."""
     splits = make_splits(n_train, n_eval, digits, seed, k_demos=k_demos, fmt=fmt)
+    demos = demonstrations(k_demos, digits, seed, fmt)
     paths = split_paths(digits, fmt, seed, root)
     for name, path in paths.items():
+        rows = with_teacher_messages(splits[name], demos) if k_demos else splits[name]
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in splits[name]))
+        path.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows))
     return paths
 
 
@@ -251,5 +260,6 @@ __all__ = [
     "solve",
     "student_messages",
     "teacher_messages",
+    "with_teacher_messages",
     "write_splits",
 ]

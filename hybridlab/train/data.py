@@ -8,7 +8,7 @@ import os
 import random
 from pathlib import Path
 
-Row = dict  # {"prompt": str, "answer": str | None}
+Row = dict  # {"prompt": str, "answer": str | None[, "teacher_messages": [{"role": str, "content": str}, ...]]}
 
 
 def load_prompts(path: str | os.PathLike) -> list[Row]:
@@ -36,11 +36,27 @@ def load_prompts(path: str | os.PathLike) -> list[Row]:
 
 
 def as_row(x: str | dict) -> Row:
-    """A prompt string or a mapping with "prompt" (and optionally "answer") as a row."""
+    """A prompt string or a mapping with "prompt" (and optionally "answer", "teacher_messages") as a row.
+
+    "teacher_messages": the teacher's own whole chat for this row (e.g. worked examples as earlier user/assistant
+    turns, then the student's question as the last user turn), rendered with the chat template
+    (chat_template=true): the teacher scores the student's response after it (context distillation)."""
     if isinstance(x, str):
         return {"prompt": x, "answer": None}
     a = x.get("answer")
-    return {"prompt": x["prompt"], "answer": None if a is None else str(a)}
+    row = {"prompt": x["prompt"], "answer": None if a is None else str(a)}
+    tm = x.get("teacher_messages")
+    if tm is not None:
+        ok = isinstance(tm, list) and tm and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in tm
+        )
+        if not ok:
+            raise ValueError(
+                'teacher_messages must be a non-empty list of {"role": str, "content": str}, got '
+                f"{str(tm)[:80]!r} (row with prompt {x['prompt'][:60]!r})"
+            )
+        row["teacher_messages"] = [{"role": m["role"], "content": m["content"]} for m in tm]
+    return row
 
 
 def rows_digest(rows: list[Row]) -> str:

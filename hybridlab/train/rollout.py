@@ -9,8 +9,9 @@ Four rules hold here for every caller (the trainer, the scripts, the notebooks):
   (decoded with `skip_special_tokens=False`), since they stay in the trained tokens too;
 - a response that hits `max_new_tokens` without EOS is marked `truncated` (and, with
   `mask_truncated_completions`, left out of the update: `keep` is False);
-- the teacher may read its own prompt (`teacher_prompt`, a template around the student's prompt): it scores the
-  student's response tokens after its own prefix, with row t of its logits at response token t as for the student.
+- the teacher may read its own prompt (`teacher_prompt`, a template around the student's prompt, or a row's own
+  "teacher_messages", a whole chat rendered with the chat template): it scores the student's response tokens after
+  its own prefix, with row t of its logits at response token t as for the student.
 """
 
 from __future__ import annotations
@@ -147,6 +148,30 @@ def encode(tokenizer, texts: list[str], chat_template: bool = False, max_prompt_
     return {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
 
 
+def teacher_encode(tokenizer, rows: list[Row], template: str | None = None, chat_template: bool = False,
+                   max_prompt_tokens: int | None = None, device=None) -> dict[str, torch.Tensor] | None:  # fmt: skip
+    """The teacher's left-padded prompt encodings [B, P_T], or None when it reads the student's prompts.
+
+    Rows with "teacher_messages" use that chat (chat template, generation prompt added); the others the
+    `template` filled with their prompt (or their prompt itself), as a single user turn under `chat_template`."""
+    own = [r.get("teacher_messages") is not None for r in rows]
+    if not any(own):
+        if template is None:
+            return None
+        return encode(tokenizer, prompt_texts(rows, template), chat_template, max_prompt_tokens, device)
+    if template is not None:
+        raise ValueError("teacher_prompt is set and the prompt rows carry teacher_messages: give one or the other")
+    if not chat_template:
+        raise ValueError("prompt rows with teacher_messages need chat_template=true (the messages are a chat)")
+    chats = [r["teacher_messages"] if o else [{"role": "user", "content": r["prompt"]}] for r, o in zip(rows, own)]
+    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
+    kw = {"add_special_tokens": False}
+    if max_prompt_tokens is not None:
+        kw.update(truncation=True, max_length=max_prompt_tokens)
+    enc = tokenizer(texts, padding=True, return_tensors="pt", **kw)
+    return {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
+
+
 def assemble(tokenizer, rows: list[Row], enc: dict, tokens: torch.Tensor, reward_fn: Callable, eos_ids: list[int],
              temperature: float, teacher_enc: dict | None = None, mask_truncated: bool = False,
              sampler_logprobs: torch.Tensor | None = None, reward_name: str = "reward") -> Rollout:  # fmt: skip
@@ -194,11 +219,7 @@ def rollout(gen: Callable, tokenizer, rows: list[Row], *, reward_fn: Callable, e
     """
     rows = [as_row(r) for r in rows for _ in range(samples)]
     enc = encode(tokenizer, prompt_texts(rows), chat_template, max_prompt_tokens, device)
-    t_enc = None
-    if teacher_prompt is not None:
-        t_enc = encode(
-            tokenizer, prompt_texts(rows, teacher_prompt), chat_template, max_prompt_tokens, device
-        )
+    t_enc = teacher_encode(tokenizer, rows, teacher_prompt, chat_template, max_prompt_tokens, device)
     src = t_enc if (from_teacher and t_enc is not None) else enc
     cfg = generation_config(tokenizer, eos_ids, temperature, max_new_tokens, greedy)
     kw = {"output_scores": True, "return_dict_in_generate": True} if sampler_logprobs else {}
