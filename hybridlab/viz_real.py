@@ -1,0 +1,98 @@
+"""Figures for notebook 08 (a real pretrained model): the teacher's advantage before training and the comparison of
+dense-only, RL-only and hybrid training, re-drawn from data/results/*.json. matplotlib only; every function returns
+a closed `Figure` that passes `hybridlab.viz.check_figure`. A method keeps its colour everywhere
+(`hybridlab.viz_training.METHOD_COLORS`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+
+from .viz_training import METHOD_COLORS, _legend_below
+
+LABELS = {"dense_only": "dense only (on-policy distillation)", "rl_only": "RL only", "hybrid": "hybrid"}
+
+
+def running_mean(x: Sequence[float], k: int = 5) -> np.ndarray:
+    """Mean of the last `k` values at each point (fewer at the start)."""
+    x = np.asarray(x, dtype=float)
+    c = np.cumsum(np.insert(x, 0, 0.0))
+    i = np.arange(1, len(x) + 1)
+    lo = np.maximum(i - k, 0)
+    return (c[i] - c[lo]) / (i - lo)
+
+
+def plot_teacher_advantage(
+    summary: Mapping[str, Mapping[str, float]], live: Mapping[str, float] | None = None
+) -> Figure:
+    """Exact match before training, student vs teacher (same weights + worked examples): greedy and sampled (T=1)
+    from the stored probe, and optionally a live re-check ({"student": acc, "teacher": acc}, sampled)."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    kinds = [("greedy", "stored: greedy"), ("sampled", "stored: sampled, T=1")]
+    if live:
+        kinds.append(("live", "live re-check: sampled, T=1"))
+    width = 0.8 / len(kinds)
+    for j, (key, label) in enumerate(kinds):
+        vals = [live[w] if key == "live" else summary[w][key] for w in ("student", "teacher")]
+        xs = np.arange(2) + (j - (len(kinds) - 1) / 2) * width
+        ax.bar(xs, vals, width, color=f"C{7 + j}", label=label)
+        for x, v in zip(xs, vals):
+            ax.text(x, v + 0.01, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(2), ["student: the question alone", "teacher: 2 worked examples first"])
+    ax.set(title="Before training: the same weights, with and without examples", xlabel="prompt",
+           ylabel="exact-match accuracy", ylim=(0, 1.1))  # fmt: skip
+    ax.grid(alpha=0.3, axis="y")
+    _legend_below(fig, ax, ncols=3)
+    return fig
+
+
+def plot_compare(
+    res: Mapping, teacher_sampled: float | None = None, student_sampled: float | None = None
+) -> Figure:
+    """Training reward, KL to the teacher and eval greedy accuracy against samples seen, one colour per method
+    (train batches faint, their 5-step running mean solid; evaluations as dots)."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.9))
+    for m, r in res["results"].items():
+        c, e, col = r["curves"], r["eval"], METHOD_COLORS.get(m, "C5")
+        if not c["step"]:
+            continue
+        for ax, key in ((axes[0], "reward"), (axes[1], "kl")):
+            ax.plot(c["samples"], c[key], color=col, alpha=0.25, lw=1)
+            ax.plot(c["samples"], running_mean(c[key]), color=col, lw=2, label=LABELS.get(m, m))
+        axes[1].plot(e["eval_samples"], e["eval_kl"], "o", color=col, ms=4)
+        axes[2].plot(e["eval_samples"], e["eval_greedy_acc"], "-o", color=col, ms=4)
+    for v, label, style in ((teacher_sampled, "teacher before training (sampled)", "--"),
+                            (student_sampled, "student before training (sampled)", ":")):  # fmt: skip
+        if v is not None:
+            axes[0].axhline(v, color="k", ls=style, lw=1, label=label)
+    axes[0].set(title="Task reward of the training samples", xlabel="responses sampled",
+                ylabel="exact match (T=1)", ylim=(-0.02, 1.02))  # fmt: skip
+    axes[1].set(title="KL to the teacher (dots: eval)", xlabel="responses sampled",
+                ylabel="sequence KL (nats)")  # fmt: skip
+    axes[2].set(title="Greedy accuracy on the eval questions", xlabel="responses sampled",
+                ylabel="exact match (greedy)", ylim=(-0.02, 1.02))  # fmt: skip
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    _legend_below(fig, axes[0], ncols=5)
+    return fig
+
+
+def plot_short_run(history: Mapping[str, Sequence[float]], title: str = "A short real run") -> Figure:
+    """Reward and KL per step of a short in-notebook run."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, key, ylabel in ((axes[0], "reward", "exact match (T=1)"), (axes[1], "kl", "sequence KL (nats)")):
+        ax.plot(history["step"], history[key], "-o", color=METHOD_COLORS["hybrid"])
+        ax.set(title=f"{title}: {key}", xlabel="step", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    plt.close(fig)
+    from .viz import check_figure
+
+    check_figure(fig)
+    return fig
+
+
+__all__ = ["LABELS", "plot_compare", "plot_short_run", "plot_teacher_advantage", "running_mean"]
