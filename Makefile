@@ -45,6 +45,7 @@ test-unit: $(STAMP)
 	OMP_NUM_THREADS=1 $(VPY) -m pytest -n $(JOBS) -m "not browser" tests $(ARGS)
 
 test-notebooks: $(STAMP)
+	$(VPY) -m hybridlab.scripts.real_model  # notebook 08 runs on the real model: fetched and converted once per machine
 	HYBRIDLAB_SMOKE=1 OMP_NUM_THREADS=1 MPLBACKEND=Agg $(VPY) -m pytest -n $(JOBS) --dist loadfile \
 		--nbval-lax --nbval-current-env -p no:randomly notebooks $(ARGS)
 
