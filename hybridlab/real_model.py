@@ -136,18 +136,19 @@ def final_table(res: dict) -> list[dict[str, Any]]:
 def format_table(rows: Sequence[dict]) -> str:
     """The final table as Markdown."""
 
-    def ci(x):
-        return f"[{x[0]:.2f}, {x[1]:.2f}]"
-
     lines = ["| method | steps (samples) | reward, last 5 steps [95% CI] | KL/seq, last 5 steps | eval step | "
              "eval greedy acc [95% CI] | eval sampled acc | eval KL/seq |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         lines.append(
-            f"| {r['method']} | {r['steps']} ({r['samples']}) | {r['reward']:.3f} {ci(r['reward_ci95'])} | "
-            f"{r['kl']:.2f} | {r['eval_step']} | {r['eval_greedy_acc']:.2f} {ci(r['eval_greedy_acc_ci95'])} | "
+            f"| {r['method']} | {r['steps']} ({r['samples']}) | {r['reward']:.3f} {_ci(r['reward_ci95'])} | "
+            f"{r['kl']:.2f} | {r['eval_step']} | {r['eval_greedy_acc']:.2f} {_ci(r['eval_greedy_acc_ci95'])} | "
             f"{r['eval_reward']:.2f} | {r['eval_kl']:.2f} |"
         )
     return "\n".join(lines)
+
+
+def _ci(x) -> str:
+    return f"[{x[0]:.2f}, {x[1]:.2f}]"
 
 
 def targets(res: dict, probe: dict | None = None) -> dict[str, dict[str, Any]]:
@@ -169,7 +170,8 @@ def targets(res: dict, probe: dict | None = None) -> dict[str, dict[str, Any]]:
             "met": h["kl"] < rl["kl"], "detail": f"hybrid {h['kl']:.2f}, RL-only {rl['kl']:.2f} nats per sequence"},
         "hybrid reward above dense-only and RL-only, intervals disjoint": {
             "met": h["reward_ci95"][0] > max(d["reward_ci95"][1], rl["reward_ci95"][1]),
-            "detail": f"hybrid {h['reward_ci95']}, dense-only {d['reward_ci95']}, RL-only {rl['reward_ci95']}"},
+            "detail": f"hybrid {_ci(h['reward_ci95'])}, dense-only {_ci(d['reward_ci95'])}, "
+            f"RL-only {_ci(rl['reward_ci95'])}"},
     }  # fmt: skip
 
 

@@ -119,7 +119,10 @@ def initial_eval_of(run_dir: Path) -> dict | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
-def collect(config: str, runs_dir: Path, out: Path, methods=METHODS, wall: dict | None = None) -> dict:
+def collect(config: str, runs_dir: Path, out: Path, methods=METHODS, wall: dict | None = None,
+            started: float | None = None) -> dict:  # fmt: skip
+    """Rewrite the results JSON from the runs' metrics files; `started` (a Unix time): the runs' launch, so each
+    run's wall time is its last metrics write minus it."""
     cfg = load_config(config)
     ev = Path(cfg.eval_prompts)
     n_eval = sum(
@@ -160,6 +163,9 @@ def collect(config: str, runs_dir: Path, out: Path, methods=METHODS, wall: dict 
         r["steps_run"] = len(rows)
         r["complete"] = len(rows) >= cfg.steps
         r["train_s"] = sum(x.get("step_s", 0.0) for x in rows)
+        mfile = runs_dir / m / "metrics.jsonl"
+        if started is not None and mfile.is_file():
+            r["wall_s"] = round(mfile.stat().st_mtime - started, 1)
         res["results"][m] = r
     if wall:
         res["wall_s"] = wall
@@ -183,6 +189,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--collect", action="store_true", help="only rewrite the results JSON from the runs")
     ap.add_argument("--one", choices=list(PRESETS), help="run one method in this process")
+    ap.add_argument(
+        "--started", type=float, default=None, help="with --collect: the runs' launch (Unix time)"
+    )
     a = ap.parse_args(argv)
     runs, out = Path(a.runs_dir), Path(a.out)
     if a.one:
@@ -191,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
         logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
         return train_one(a.config, a.one, runs)
     if a.collect:
-        return collect(a.config, runs, out, a.methods)
+        return collect(a.config, runs, out, a.methods, started=a.started)
     if not Path(load_config(a.config).student).is_dir():
         raise SystemExit(f"no model folder {load_config(a.config).student!r}: run `make real-model` first")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -205,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
                                          stderr=subprocess.STDOUT, cwd=ROOT), time.time())  # fmt: skip
         while any(procs[m][0].poll() is None for m in group):
             time.sleep(60)
-            collect(a.config, runs, out, a.methods, wall)
+            collect(a.config, runs, out, a.methods, wall, t0)
             for m in group:
                 if procs[m][0].poll() is not None and m not in wall:
                     wall[m] = round(time.time() - procs[m][1], 1)
@@ -216,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
                     f"{m}: exit code {procs[m][0].returncode}, see {runs / m / 'train.log'}", file=sys.stderr
                 )
     wall["total"] = round(time.time() - t0, 1)
-    res = collect(a.config, runs, out, a.methods, wall)
+    res = collect(a.config, runs, out, a.methods, wall, t0)
     print(json.dumps({m: r.get("final") for m, r in res["results"].items()}, indent=1))
     return res
 
