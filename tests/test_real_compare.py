@@ -88,6 +88,27 @@ def test_results_json_table_and_targets_from_metrics(tmp_path):
     check_figure(plot_compare(res, teacher_sampled=0.79, student_sampled=0.03))
 
 
+def test_a_shorter_repeat_with_another_seed_is_summarised_beside(tmp_path):
+    same = dict.fromkeys(rc.METHODS, 0.5)
+    _fake_runs(tmp_path / "s0", dict.fromkeys(rc.METHODS, 20), same, same)
+    _fake_runs(tmp_path / "s1", dict.fromkeys(rc.METHODS, 10), same, same)
+    res = rc.collect(
+        CFG,
+        tmp_path / "s0",
+        tmp_path / "o.json",
+        other_seeds={1: (tmp_path / "s1", {"seed": 1, "steps": 10})},
+    )
+    o = res["other_seeds"]["1"]
+    assert (o["seed"], o["steps"], o["compared_at_step"], o["complete"]) == (1, 10, 10, True)
+    assert [r["samples"] for r in rm.final_table(o)] == [160] * 3 and res["seed"] == 0
+    assert rc.run_command(CFG, "hybrid", tmp_path, {"seed": 1, "steps": 10})[-4:] == [
+        "--seed",
+        "1",
+        "--steps",
+        "10",
+    ]
+
+
 def test_partial_runs_are_marked_and_missing_ones_refused(tmp_path):
     _fake_runs(tmp_path, {"dense_only": 7, "rl_only": 7, "hybrid": 6}, dict.fromkeys(rc.METHODS, 0.5),
                dict.fromkeys(rc.METHODS, 1.0))  # fmt: skip

@@ -60,9 +60,10 @@ def train_one(config: str, method: str, runs_dir: Path, **changes) -> dict:
     return tr.train()
 
 
-def run_command(config: str, method: str, runs_dir: Path) -> list[str]:
+def run_command(config: str, method: str, runs_dir: Path, changes: dict | None = None) -> list[str]:
+    extra = [x for k, v in (changes or {}).items() for x in (f"--{k}", str(v))]
     return [sys.executable, "-m", "hybridlab.scripts.real_compare", "--config", config,
-            "--runs-dir", str(runs_dir), "--one", method]  # fmt: skip
+            "--runs-dir", str(runs_dir), "--one", method, *extra]  # fmt: skip
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -119,11 +120,14 @@ def initial_eval_of(run_dir: Path) -> dict | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
-def collect(config: str, runs_dir: Path, out: Path, methods=METHODS, wall: dict | None = None,
-            started: float | None = None) -> dict:  # fmt: skip
-    """Rewrite the results JSON from the runs' metrics files; `started` (a Unix time): the runs' launch, so each
-    run's wall time is its last metrics write minus it."""
-    cfg = load_config(config)
+def collect(config: str, runs_dir: Path, out: Path | None, methods=METHODS, wall: dict | None = None,
+            started: float | None = None, changes: dict | None = None,
+            other_seeds: dict[int, tuple[Path, dict]] | None = None) -> dict:  # fmt: skip
+    """Rewrite the results JSON from the runs' metrics files (`out` None: only return it); `started` (a Unix
+    time): the runs' launch, so each run's wall time is its last metrics write minus it; `changes`: the config
+    overrides the runs were started with (seed, steps); `other_seeds`: {seed: (runs_dir, changes)} of shorter
+    repeats, summarised under "other_seeds"."""
+    cfg = load_config(config).replace(**(changes or {}))
     ev = Path(cfg.eval_prompts)
     n_eval = sum(
         1 for line in (ev if ev.is_absolute() else ROOT / ev).read_text().splitlines() if line.strip()
@@ -170,6 +174,14 @@ def collect(config: str, runs_dir: Path, out: Path, methods=METHODS, wall: dict 
     if wall:
         res["wall_s"] = wall
     res["complete"] = all(r["complete"] for r in res["results"].values())
+    for seed, (d, ch) in (other_seeds or {}).items():
+        if all((d / m / "metrics.jsonl").is_file() for m in methods):
+            o = collect(config, d, None, methods, changes=ch)
+            res.setdefault("other_seeds", {})[str(seed)] = {
+                k: o[k] for k in ("seed", "steps", "compared_at_step", "complete", "results")
+            }
+    if out is None:
+        return res
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=1) + "\n")
@@ -192,15 +204,23 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--started", type=float, default=None, help="with --collect: the runs' launch (Unix time)"
     )
+    ap.add_argument("--seed", type=int, default=None, help="another seed than the config's")
+    ap.add_argument(
+        "--steps", type=int, default=None, help="other steps than the config's (a shorter repeat)"
+    )
+    ap.add_argument("--other-seed", nargs=3, action="append", default=[], metavar=("SEED", "STEPS", "RUNS_DIR"),
+                    help="with --collect: add a shorter repeat's runs to the results JSON")  # fmt: skip
     a = ap.parse_args(argv)
     runs, out = Path(a.runs_dir), Path(a.out)
+    changes = {k: v for k, v in (("seed", a.seed), ("steps", a.steps)) if v is not None}
+    others = {int(sd): (Path(d), {"seed": int(sd), "steps": int(st)}) for sd, st, d in a.other_seed}
     if a.one:
         import logging
 
         logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
-        return train_one(a.config, a.one, runs)
+        return train_one(a.config, a.one, runs, **changes)
     if a.collect:
-        return collect(a.config, runs, out, a.methods, started=a.started)
+        return collect(a.config, runs, out, a.methods, started=a.started, changes=changes, other_seeds=others)
     if not Path(load_config(a.config).student).is_dir():
         raise SystemExit(f"no model folder {load_config(a.config).student!r}: run `make real-model` first")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -210,11 +230,11 @@ def main(argv: list[str] | None = None) -> dict:
         for m in group:
             (runs / m).mkdir(parents=True, exist_ok=True)
             log = open(runs / m / "train.log", "a")
-            procs[m] = (subprocess.Popen(run_command(a.config, m, runs), env=env, stdout=log,
+            procs[m] = (subprocess.Popen(run_command(a.config, m, runs, changes), env=env, stdout=log,
                                          stderr=subprocess.STDOUT, cwd=ROOT), time.time())  # fmt: skip
         while any(procs[m][0].poll() is None for m in group):
             time.sleep(60)
-            collect(a.config, runs, out, a.methods, wall, t0)
+            collect(a.config, runs, out, a.methods, wall, t0, changes)
             for m in group:
                 if procs[m][0].poll() is not None and m not in wall:
                     wall[m] = round(time.time() - procs[m][1], 1)
@@ -225,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
                     f"{m}: exit code {procs[m][0].returncode}, see {runs / m / 'train.log'}", file=sys.stderr
                 )
     wall["total"] = round(time.time() - t0, 1)
-    res = collect(a.config, runs, out, a.methods, wall, t0)
+    res = collect(a.config, runs, out, a.methods, wall, t0, changes)
     print(json.dumps({m: r.get("final") for m, r in res["results"].items()}, indent=1))
     return res
 
