@@ -441,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m hybridlab.bench", description=__doc__.split("\n")[0])
     p.add_argument("what", choices=["dense", "fused", "tune"], help="fused: the fused-linear table only")
     p.add_argument("--cpu", action="store_true", help="run on CPU with tiny sizes (default without CUDA)")
-    p.add_argument("--sizes", nargs="+", help="N:V pairs (default: the issue's grid on GPU, tiny on CPU)")
+    p.add_argument("--sizes", nargs="+", help="N:V pairs (default: the standard grid on GPU, tiny on CPU)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default bf16 on GPU, fp32 on CPU")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (median reported)")
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None, help="fused-linear table")

@@ -6,7 +6,7 @@ default), so the conventions are identical:
 - on a sampled batch, ``-grad(loss)`` is the control's estimate of grad J (a mean over the batch);
 - over an enumerated space with ``seq_weights = pi(y)``, ``-S * grad(loss)`` is its exact expectation.
 
-The controls (BRIEF §3, "pitfalls"):
+The controls (the pitfalls of the decomposition):
 
 ``myopic``        the future KL dropped from the return: ``hybrid_loss(future="none")``. Right for lam = 0 at the
                   fixed point, wrong with a reward.

@@ -1,6 +1,6 @@
 """Dense KL against a top-k teacher (API or server teachers return only the top-k log-probabilities).
 
-BRIEF §3: collapse everything outside the teacher's top-k into one "tail" category on both sides. With
+Collapse everything outside the teacher's top-k into one "tail" category on both sides. With
 p = softmax(z / tau) over the full vocabulary, the teacher's log-probabilities lq_k at ids i_k and its tail
 mass Q_T = 1 - sum_k exp(lq_k),
 

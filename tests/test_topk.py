@@ -1,4 +1,4 @@
-"""Top-k teachers: the tail-bucket KL (BRIEF §3) by Triton kernel, torch closed form and autograd reference,
+"""Top-k teachers: the tail-bucket KL by Triton kernel, torch closed form and autograd reference,
 and its defining property: a lower bound on the full-vocabulary KL."""
 
 import pytest

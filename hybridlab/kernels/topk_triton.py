@@ -1,4 +1,4 @@
-"""Fused top-k-teacher KL kernel: the tail-bucket KL of BRIEF §3 and its closed-form logit gradient.
+"""Fused top-k-teacher KL kernel: the tail-bucket KL and its closed-form logit gradient.
 
 The teacher gives only K log-probabilities lq_k at token ids i_k. Both distributions are coarsened to K + 1
 categories: the K teacher tokens and one "tail" bucket holding everything else. With x = z / tau,
