@@ -140,4 +140,10 @@ def test_write_splits_round_trips(tmp_path):
     assert paths == tc.split_paths(2, "equation", 1, tmp_path)
     assert paths["train"].name == "chat_add2_equation_s1_train.jsonl"
     rows = {k: [json.loads(line) for line in p.read_text().splitlines()] for k, p in paths.items()}
-    assert rows == tc.make_splits(30, 10, digits=2, seed=1, fmt="equation")
+    splits = tc.make_splits(30, 10, digits=2, seed=1, fmt="equation")
+    demos = tc.demonstrations(2, 2, 1, "equation")
+    assert rows == {k: tc.with_teacher_messages(v, demos) for k, v in splits.items()}
+    assert all(r["teacher_messages"][-1]["content"] == r["prompt"] for r in rows["train"])  # the question comes last
+    plain = tc.write_splits(30, 10, digits=2, fmt="equation", seed=1, k_demos=0, root=tmp_path / "plain")
+    rows0 = {k: [json.loads(line) for line in p.read_text().splitlines()] for k, p in plain.items()}
+    assert rows0 == tc.make_splits(30, 10, digits=2, seed=1, fmt="equation", k_demos=0)
