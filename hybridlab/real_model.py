@@ -147,6 +147,35 @@ def format_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def at_step(res: dict, step: int, last: int = 5) -> list[dict[str, Any]]:
+    """Per method, from the curves of `res` (the main run, or one of its "other_seeds"): the training reward and
+    KL over the `last` steps up to `step`, and the evaluation at `step` (None where there was none)."""
+    out = []
+    for m in METHODS:
+        r = res["results"].get(m)
+        c, e = r["curves"], r["eval"]
+        if len(c["step"]) < step:
+            raise ValueError(f"{m} (seed {res['seed']}) ran {len(c['step'])} steps, fewer than {step}")
+        lo = max(0, step - last)
+        ev = {k: v[e["eval_step"].index(step)] for k, v in e.items()} if step in e["eval_step"] else {}
+        out.append({
+            "method": m, "seed": res["seed"], "step": step, "reward": sum(c["reward"][lo:step]) / (step - lo),
+            "kl": sum(c["kl"][lo:step]) / (step - lo), "eval_greedy_acc": ev.get("eval_greedy_acc"),
+            "eval_kl": ev.get("eval_kl"),
+        })  # fmt: skip
+    return out
+
+
+def seeds_at(res: dict, min_step: int = 5) -> list[dict[str, Any]]:
+    """The main run and every shorter repeat with another seed that reached `min_step`, compared at the last step
+    they all reached."""
+    others = [o for o in res.get("other_seeds", {}).values() if o["compared_at_step"] >= min_step]
+    if not others:
+        return []
+    step = min([o["compared_at_step"] for o in others] + [res["compared_at_step"]])
+    return at_step(res, step) + [row for o in others for row in at_step(o, step)]
+
+
 def _ci(x) -> str:
     return f"[{x[0]:.2f}, {x[1]:.2f}]"
 
@@ -199,6 +228,6 @@ def short_run(model, tokenizer, method: str = "hybrid", *, steps: int = 2, promp
 
 
 __all__ = [
-    "COMPARE_JSON", "METHODS", "PROBE_JSON", "accuracy", "answers", "final_table", "format_table", "load",
+    "COMPARE_JSON", "METHODS", "PROBE_JSON", "accuracy", "at_step", "seeds_at", "answers", "final_table", "format_table", "load",
     "model_facts", "probe_summary", "prompt_texts", "read_json", "short_run", "targets", "task_rows",
 ]  # fmt: skip

@@ -101,6 +101,13 @@ def test_a_shorter_repeat_with_another_seed_is_summarised_beside(tmp_path):
     o = res["other_seeds"]["1"]
     assert (o["seed"], o["steps"], o["compared_at_step"], o["complete"]) == (1, 10, 10, True)
     assert [r["samples"] for r in rm.final_table(o)] == [160] * 3 and res["seed"] == 0
+    rows = rm.seeds_at(res)
+    assert [(r["seed"], r["step"]) for r in rows] == [(0, 10)] * 3 + [(1, 10)] * 3
+    assert all(r["reward"] == pytest.approx(0.5) and r["eval_greedy_acc"] == pytest.approx(0.5) for r in rows)
+    assert rm.seeds_at({**res, "other_seeds": {}}) == []
+    assert rm.seeds_at(res, min_step=11) == []  # a repeat that has not reached min_step is left out
+    with pytest.raises(ValueError, match="fewer than 30"):
+        rm.at_step(res, 30)
     assert rc.run_command(CFG, "hybrid", tmp_path, {"seed": 1, "steps": 10})[-4:] == [
         "--seed",
         "1",
