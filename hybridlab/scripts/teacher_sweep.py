@@ -283,12 +283,9 @@ def format_table(summary: dict) -> str:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    import os
+    from .compare import _write_json as write_atomically  # one atomic JSON writer for both scripts
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=float) + "\n")
-    os.replace(tmp, path)
+    write_atomically(path, obj)
 
 
 def main(argv=None) -> dict:
