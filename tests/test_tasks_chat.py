@@ -143,7 +143,8 @@ def test_write_splits_round_trips(tmp_path):
     splits = tc.make_splits(30, 10, digits=2, seed=1, fmt="equation")
     demos = tc.demonstrations(2, 2, 1, "equation")
     assert rows == {k: tc.with_teacher_messages(v, demos) for k, v in splits.items()}
-    assert all(r["teacher_messages"][-1]["content"] == r["prompt"] for r in rows["train"])  # the question comes last
+    # the question comes last
+    assert all(r["teacher_messages"][-1]["content"] == r["prompt"] for r in rows["train"])
     plain = tc.write_splits(30, 10, digits=2, fmt="equation", seed=1, k_demos=0, root=tmp_path / "plain")
     rows0 = {k: [json.loads(line) for line in p.read_text().splitlines()] for k, p in plain.items()}
     assert rows0 == tc.make_splits(30, 10, digits=2, seed=1, fmt="equation", k_demos=0)

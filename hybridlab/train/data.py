@@ -8,7 +8,8 @@ import os
 import random
 from pathlib import Path
 
-Row = dict  # {"prompt": str, "answer": str | None[, "teacher_messages": [{"role": str, "content": str}, ...]]}
+# A prompt row: {"prompt": str, "answer": str | None[, "teacher_messages": [{"role": str, "content": str}, ...]]}
+Row = dict
 
 
 def load_prompts(path: str | os.PathLike) -> list[Row]:
@@ -47,8 +48,13 @@ def as_row(x: str | dict) -> Row:
     row = {"prompt": x["prompt"], "answer": None if a is None else str(a)}
     tm = x.get("teacher_messages")
     if tm is not None:
-        ok = isinstance(tm, list) and tm and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in tm
+        ok = (
+            isinstance(tm, list)
+            and tm
+            and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in tm
+            )
         )
         if not ok:
             raise ValueError(

@@ -160,10 +160,16 @@ def teacher_encode(tokenizer, rows: list[Row], template: str | None = None, chat
             return None
         return encode(tokenizer, prompt_texts(rows, template), chat_template, max_prompt_tokens, device)
     if template is not None:
-        raise ValueError("teacher_prompt is set and the prompt rows carry teacher_messages: give one or the other")
+        raise ValueError(
+            "teacher_prompt is set and the prompt rows carry teacher_messages: give one or the other"
+        )
     if not chat_template:
-        raise ValueError("prompt rows with teacher_messages need chat_template=true (the messages are a chat)")
-    chats = [r["teacher_messages"] if o else [{"role": "user", "content": r["prompt"]}] for r, o in zip(rows, own)]
+        raise ValueError(
+            "prompt rows with teacher_messages need chat_template=true (the messages are a chat)"
+        )
+    chats = [
+        r["teacher_messages"] if o else [{"role": "user", "content": r["prompt"]}] for r, o in zip(rows, own)
+    ]
     texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
     kw = {"add_special_tokens": False}
     if max_prompt_tokens is not None:
