@@ -232,20 +232,7 @@ def test_teacher_prompt_scores_the_students_tokens_after_its_own_prefix(tmp_path
         )  # teacher prompt, then the same response
         n = int(ro.mask[b].sum())
         manual[b, :n] = _by_hand(teacher, tok, text, ro.actions[b, :n].tolist(), tr.vocab)
-    got = tr.teacher_inputs(ro)
-    torch.testing.assert_close(got[ro.mask], manual[ro.mask], atol=1e-5, rtol=0)
-    # negative control: the teacher on the student's prompt is another distribution
-    plain = teacher_inputs(teacher, ro.__class__(**{**ro.__dict__, "teacher_input_ids": None}), tr.vocab)
-    assert (plain[ro.mask] - manual[ro.mask]).abs().max() > 1e-2
-    # the loss's dense and sparse terms read exactly those teacher log-probs
-    c = torch.full((ro.actions.shape[0],), 1.0 / ro.actions.shape[0])
-    common = dict(mode="loss", input_ids=ro.input_ids, attention_mask=ro.attention_mask, position_ids=ro.position_ids,
-                  prompt_len=ro.prompt_len, actions=ro.actions, mask=ro.mask, rewards=ro.rewards, seq_weights=c,
-                  loss_kw=tr.loss_kw, fused=False, chunk=16)  # fmt: skip
-    ours, ref, wrong = (tr.policy(teacher=t, **common) for t in (got, manual, plain))
-    for k in ("loss", "dense", "sparse"):
-        torch.testing.assert_close(ours[k], ref[k], atol=1e-5, rtol=1e-5)
-    assert abs(float(ours["sparse"] - wrong["sparse"])) + abs(float(ours["dense"] - wrong["dense"])) > 1e-3
+    check_teacher_scoring(tr, ro, teacher, manual)
     # fused-linear path: the same update on the same rollouts
     a = tr.train_step(rollouts=[ro], keep_grads=True)
     fused = Trainer(TrainConfig(**kw, fused_linear=True, fused_chunk=5), tokenizer=tok, prompts=rows,
@@ -256,3 +243,20 @@ def test_teacher_prompt_scores_the_students_tokens_after_its_own_prefix(tmp_path
     )
     for (n, p), q in zip(tr.model.named_parameters(), fused.model.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def check_teacher_scoring(tr, ro, teacher, manual) -> None:
+    """The trainer's teacher log-probs equal `manual` (scored by hand after the teacher's own prefix), the loss's
+    dense and sparse terms read exactly those, and the teacher on the student's prompt (negative control) differs."""
+    got = tr.teacher_inputs(ro)
+    torch.testing.assert_close(got[ro.mask], manual[ro.mask], atol=1e-5, rtol=0)
+    plain = teacher_inputs(teacher, ro.__class__(**{**ro.__dict__, "teacher_input_ids": None}), tr.vocab)
+    assert (plain[ro.mask] - manual[ro.mask]).abs().max() > 1e-2
+    c = torch.full((ro.actions.shape[0],), 1.0 / ro.actions.shape[0])
+    common = dict(mode="loss", input_ids=ro.input_ids, attention_mask=ro.attention_mask, position_ids=ro.position_ids,
+                  prompt_len=ro.prompt_len, actions=ro.actions, mask=ro.mask, rewards=ro.rewards, seq_weights=c,
+                  loss_kw=tr.loss_kw, fused=False, chunk=16)  # fmt: skip
+    ours, ref, wrong = (tr.policy(teacher=t, **common) for t in (got, manual, plain))
+    for k in ("loss", "dense", "sparse"):
+        torch.testing.assert_close(ours[k], ref[k], atol=1e-5, rtol=1e-5)
+    assert abs(float(ours["sparse"] - wrong["sparse"])) + abs(float(ours["dense"] - wrong["dense"])) > 1e-3

@@ -6,12 +6,13 @@ import json
 
 import pytest
 import torch
+from test_rollout import check_teacher_scoring
 
 from hybridlab import tasks_chat as tc
 from hybridlab.models import build_model, build_tokenizer
 from hybridlab.train import TrainConfig, Trainer
 from hybridlab.train.data import as_row, load_prompts
-from hybridlab.train.rollout import teacher_encode, teacher_inputs
+from hybridlab.train.rollout import teacher_encode
 
 # a chat template over a character vocabulary: "content;" per turn, "=" opens an assistant turn
 CHAT = (
@@ -70,19 +71,7 @@ def test_row_teacher_messages_score_the_students_tokens_after_the_teachers_chat(
         assert real == tok(text, add_special_tokens=False)["input_ids"] + ro.actions[b].tolist()
         n = int(ro.mask[b].sum())
         manual[b, :n] = _by_hand(teacher, tok, text, ro.actions[b, :n].tolist(), tr.vocab)
-    got = tr.teacher_inputs(ro)
-    torch.testing.assert_close(got[ro.mask], manual[ro.mask], atol=1e-5, rtol=0)
-    # negative control: the teacher on the student's own prompt is another distribution
-    plain = teacher_inputs(teacher, ro.__class__(**{**ro.__dict__, "teacher_input_ids": None}), tr.vocab)
-    assert (plain[ro.mask] - manual[ro.mask]).abs().max() > 1e-2
-    c = torch.full((ro.actions.shape[0],), 1.0 / ro.actions.shape[0])
-    common = dict(mode="loss", input_ids=ro.input_ids, attention_mask=ro.attention_mask, position_ids=ro.position_ids,
-                  prompt_len=ro.prompt_len, actions=ro.actions, mask=ro.mask, rewards=ro.rewards, seq_weights=c,
-                  loss_kw=tr.loss_kw, fused=False, chunk=16)  # fmt: skip
-    ours, ref, wrong = (tr.policy(teacher=t, **common) for t in (got, manual, plain))
-    for k in ("loss", "dense", "sparse"):
-        torch.testing.assert_close(ours[k], ref[k], atol=1e-5, rtol=1e-5)
-    assert abs(float(ours["sparse"] - wrong["sparse"])) + abs(float(ours["dense"] - wrong["dense"])) > 1e-3
+    check_teacher_scoring(tr, ro, teacher, manual)
     # the fused-linear path makes the same update from the same rollouts
     a = tr.train_step(rollouts=[ro], keep_grads=True)
     fused = Trainer(TrainConfig(**kw, fused_linear=True, fused_chunk=3), tokenizer=tok, prompts=rows, reward=_length,
