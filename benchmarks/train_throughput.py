@@ -81,8 +81,8 @@ def main(argv=None) -> list[dict]:
     student, teacher = models / args.student, models / f"{args.teacher}-teacher"
     tok, prompts = models / "tokenizer", models / "prompts.jsonl"
     if not args.dry_run:
-        from hybridlab.models import build_tokenizer
-        from hybridlab.tasks import generate_examples
+        from hybridlab.tasks.models import build_tokenizer
+        from hybridlab.tasks.toy import generate_examples
 
         build(args.student, student, torch.float32, 0)
         build(args.teacher, teacher, torch.bfloat16, 1)
@@ -96,7 +96,7 @@ def main(argv=None) -> list[dict]:
         out = Path(args.out) / f"{args.student}_fused_{str(fused).lower()}"
         cfg = {
             "student": str(student), "teacher": str(teacher), "tokenizer": str(tok), "prompts": str(prompts),
-            "reward": "hybridlab.rewards:reverse_partial", "lr": 1e-6, "scheduler": "constant",
+            "reward": "hybridlab.tasks.rewards:reverse_partial", "lr": 1e-6, "scheduler": "constant",
             "steps": args.steps, "prompts_per_step": args.prompts_per_step, "samples_per_prompt": args.samples,
             "grad_accum": args.grad_accum, "max_new_tokens": args.max_new_tokens, "bf16": True,
             "gradient_checkpointing": not args.no_gradient_checkpointing, "dense_backend": "auto",

@@ -6,8 +6,8 @@ python examples/trl_tiny.py        (or: python -m hybridlab.integrations.trl --d
 from datasets import Dataset
 
 from hybridlab.integrations.trl import HybridGRPOConfig, HybridGRPOTrainer
-from hybridlab.models import build_model, build_tokenizer
-from hybridlab.tasks import generate_examples, rewards
+from hybridlab.tasks.models import build_model, build_tokenizer
+from hybridlab.tasks.toy import generate_examples, rewards
 
 # Data: "reverse the digits" prompts ("40213=" -> "31204"); extra columns (here "answer") reach the reward.
 dataset = Dataset.from_list(generate_examples("reverse", n=32, seed=0))

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from hybridlab import controls as C
-from hybridlab import exact as ex
 from hybridlab import hybrid_loss
+from hybridlab.lab import controls as C
+from hybridlab.lab import exact as ex
 
 KW = dict(lam=1.0, beta=0.5)
 

@@ -13,7 +13,7 @@ def test_two_process_update_equals_single_process_update(tmp_path, fused):
     cfg = TrainConfig(
         student=str(tiny["llama"]["student"]), teacher=str(tiny["llama"]["teacher"]),
         tokenizer=str(tiny["tokenizer"]["path"]), prompts=str(tiny["prompts"]["path"]),
-        reward="hybridlab.rewards:reverse", lr=1e-2, steps=1, prompts_per_step=4, samples_per_prompt=2,
+        reward="hybridlab.tasks.rewards:reverse", lr=1e-2, steps=1, prompts_per_step=4, samples_per_prompt=2,
         max_new_tokens=6, normalize="tokens", bf16=False, dense_backend="torch", fused_linear=fused,
         output_dir=str(tmp_path / "run"), progress=False, cpu=True, cpu_threads=1, seed=1,
     ).validate()  # fmt: skip

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hybridlab import exact as ex
+from hybridlab.lab import exact as ex
 
 
 def test_enumeration_counts_and_probabilities_sum_to_one():

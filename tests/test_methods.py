@@ -3,10 +3,12 @@
 import pytest
 import torch
 
-from hybridlab import controls as C
 from hybridlab import dense_kl, hybrid_loss
-from hybridlab import exact as E
-from hybridlab import methods as M
+from hybridlab.lab import controls as C
+from hybridlab.lab import exact as E
+from hybridlab.lab import method_map as MM
+from hybridlab.lab import method_rules as R
+from hybridlab.lab import toys
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +24,7 @@ def toy():
 @pytest.fixture(scope="module")
 def rows(toy):
     student, teacher, space, reward, gs, gr = toy
-    return M.method_map(student, teacher, space, reward, lam=1.0, beta=0.5, group_space=gs, group_reward=gr)
+    return MM.method_map(student, teacher, space, reward, lam=1.0, beta=0.5, group_space=gs, group_reward=gr)
 
 
 def test_every_expressible_rule_equals_its_setting_and_misses_the_wrong_one(rows):
@@ -57,7 +59,7 @@ def test_not_expressible_rows_say_why(rows):
 def test_a_rule_differs_from_a_setting_that_is_not_its_own(toy):
     """Negative control at the level of a single comparison: the GKD rule is not the 'sequences' setting."""
     student, teacher, space, reward, *_ = toy
-    rule = C.expected_gradient(M.gkd_loss, student, teacher, space, reward)
+    rule = C.expected_gradient(R.gkd_loss, student, teacher, space, reward)
     own = C.expected_gradient(
         hybrid_loss,
         student,
@@ -79,7 +81,7 @@ def test_a_rule_differs_from_a_setting_that_is_not_its_own(toy):
 def test_sampled_token_distillation_has_the_dense_terms_mean_but_more_variance(toy):
     """OPD's sampled-token advantage and hybridlab's dense term agree in expectation, not per sample."""
     student, teacher, space, reward, *_ = toy
-    opd = C.exact_moments(M.opd_loss, student, teacher, space, reward)
+    opd = C.exact_moments(R.opd_loss, student, teacher, space, reward)
     dense = C.exact_moments(hybrid_loss, student, teacher, space, reward, lam=0.0, beta=1.0, future="none")
     assert C.relative_error(opd["mean"], dense["mean"]) < 1e-10
     assert opd["variance"] > 1.05 * dense["variance"]
@@ -98,16 +100,16 @@ def test_rules_reject_bad_options(toy):
     logits, tlogits = student(space.actions), teacher(space.actions)
     r = reward(space.actions, space.mask)
     with pytest.raises(ValueError, match="reduction"):
-        M.gkd_loss(logits, tlogits, space.actions, r, mask=space.mask, reduction="mean")
+        R.gkd_loss(logits, tlogits, space.actions, r, mask=space.mask, reduction="mean")
     with pytest.raises(ValueError, match="group_size"):
-        M.grpo_loss(
+        R.grpo_loss(
             logits, tlogits, space.actions, r, mask=space.mask, group_size=4
         )  # 15 is not a multiple of 4
 
 
 def test_dpo_is_stationary_exactly_at_the_optimum_of_j(toy):
     _, teacher, space, reward, *_ = toy
-    check = M.dpo_check(teacher, space, reward, lam=1.0, beta=0.5)
+    check = MM.dpo_check(teacher, space, reward, lam=1.0, beta=0.5)
     assert check.grad_at_optimum < 1e-12
     assert check.grad_j_at_optimum < 1e-12
     assert check.grad_at_wrong > 1e-2
@@ -115,7 +117,7 @@ def test_dpo_is_stationary_exactly_at_the_optimum_of_j(toy):
 
 
 def test_markdown_table_has_one_line_per_row(rows):
-    table = M.markdown_table(rows)
+    table = MM.markdown_table(rows)
     assert table.count("\n") == len(rows) + 1
     for line in table.splitlines():  # no stray '|' inside a cell: exactly 7 columns
         assert line.count("|") == 8, line
@@ -125,10 +127,10 @@ def test_markdown_table_has_one_line_per_row(rows):
 @pytest.mark.parametrize("divergence", ["reverse", "forward"])
 def test_fit_bump_mode_seeking_vs_covering(divergence):
     tokens = torch.arange(60, dtype=torch.float64)
-    q = 0.5 * M.bump_logits(tokens, 15, 4).exp() + 0.5 * M.bump_logits(tokens, 45, 4).exp()
+    q = 0.5 * toys.bump_logits(tokens, 15, 4).exp() + 0.5 * toys.bump_logits(tokens, 45, 4).exp()
     q = q / q.sum()
     q = (1 - 1e-8) * q + 1e-8 / 60
-    fit = M.fit_bump(divergence, q.log(), steps=200)
+    fit = toys.fit_bump(divergence, q.log(), steps=200)
     left = float(fit["p"][:30].sum())
     if divergence == "reverse":
         assert left > 0.99  # locks onto the left mode
@@ -138,13 +140,13 @@ def test_fit_bump_mode_seeking_vs_covering(divergence):
 
 def test_fit_bump_rejects_an_unknown_divergence():
     with pytest.raises(ValueError, match="divergence"):
-        M.fit_bump("jsd", torch.zeros(5), steps=1)
+        toys.fit_bump("jsd", torch.zeros(5), steps=1)
 
 
 def test_one_token_view_splits_one_response(toy):
     student, teacher, space, *_ = toy
     i = int(space.mask.sum(1).argmax())
-    view = M.one_token_view(student, teacher, space.actions[i], space.mask[i], t=2)
+    view = toys.one_token_view(student, teacher, space.actions[i], space.mask[i], t=2)
     with torch.no_grad():
         kl = dense_kl(student(space.actions[i : i + 1]), teacher(space.actions[i : i + 1]), backend="torch")[
             0
@@ -154,7 +156,7 @@ def test_one_token_view_splits_one_response(toy):
     assert abs(view["kl_t"] - float(kl[1])) < 1e-12
     assert torch.allclose(view["logratios"], (logp - logq)[: int(space.mask[i].sum())], atol=1e-12)
     with pytest.raises(ValueError, match="1..3"):
-        M.one_token_view(student, teacher, space.actions[i], space.mask[i], t=4)
+        toys.one_token_view(student, teacher, space.actions[i], space.mask[i], t=4)
 
 
 def test_trl_kl_div_argument_order_at_beta_one_is_the_reverse_kl(toy):
@@ -165,7 +167,7 @@ def test_trl_kl_div_argument_order_at_beta_one_is_the_reverse_kl(toy):
     logq = torch.log_softmax(teacher(space.actions), -1)
     trl_beta1 = torch.nn.functional.kl_div(logq, logp, reduction="none", log_target=True).sum(-1)
     trl_beta0 = torch.nn.functional.kl_div(logp, logq, reduction="none", log_target=True).sum(-1)
-    _, _, kl = M.token_terms(student(space.actions), teacher(space.actions), space.actions, space.mask)
+    _, _, kl = R.token_terms(student(space.actions), teacher(space.actions), space.actions, space.mask)
     assert torch.allclose(trl_beta1[space.mask], kl[space.mask], atol=1e-13)
     assert not torch.allclose(trl_beta0[space.mask], kl[space.mask], atol=1e-3)  # beta = 0 is the forward KL
 
@@ -175,8 +177,8 @@ def test_trl_rule_is_a_batch_rule_at_temperature_one(toy):
     logits, tlogits = student(space.actions), teacher(space.actions)
     r = reward(space.actions, space.mask)
     with pytest.raises(ValueError, match="seq_weights"):
-        M.trl_distillation_loss(
+        R.trl_distillation_loss(
             logits, tlogits, space.actions, r, mask=space.mask, seq_weights=torch.ones(15)
         )
     with pytest.raises(ValueError, match="temperature"):
-        M.trl_distillation_loss(logits, tlogits, space.actions, r, mask=space.mask, temperature=0.7)
+        R.trl_distillation_loss(logits, tlogits, space.actions, r, mask=space.mask, temperature=0.7)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hybridlab.models import (
+from hybridlab.tasks.models import (
     ARCHS,
     BOS_ID,
     EOS_ID,
@@ -16,7 +16,7 @@ from hybridlab.models import (
     model_config,
     save_model_dir,
 )
-from hybridlab.tasks import CHARS
+from hybridlab.tasks.toy import CHARS
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,11 @@ import math
 
 import pytest
 
-from hybridlab import real_model as rm
-from hybridlab.scripts import real_compare as rc
+from experiments import real_compare as rc
+from hybridlab.lab import real_model as rm
+from hybridlab.lab.figures import check_figure
+from hybridlab.lab.figures_real import plot_compare, plot_teacher_advantage, running_mean
 from hybridlab.train.config import PRESETS
-from hybridlab.viz import check_figure
-from hybridlab.viz_real import plot_compare, plot_teacher_advantage, running_mean
 
 CFG = str(rc.ROOT / "configs" / "real_cpu.yaml")
 

@@ -6,7 +6,7 @@ import zipfile
 
 import pytest
 
-from hybridlab.scripts import real_model as rm
+from hybridlab.scripts import fetch_real_model as rm
 
 
 def _finished(folder):

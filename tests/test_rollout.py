@@ -7,15 +7,15 @@ import shutil
 import pytest
 import torch
 
-from hybridlab.models import build_model, build_tokenizer, save_model_dir
-from hybridlab.rewards import load_reward
 from hybridlab.scripts.make_tiny_models import make_tiny_models
+from hybridlab.tasks.models import build_model, build_tokenizer, save_model_dir
+from hybridlab.tasks.rewards import load_reward
 from hybridlab.train import TrainConfig, Trainer, make_deterministic, response_logits, sample
 from hybridlab.train.data import as_row
 from hybridlab.train.loading import load_model
 from hybridlab.train.rollout import assemble, encode, generation_config, teacher_inputs
 
-REV = "hybridlab.rewards:reverse"
+REV = "hybridlab.tasks.rewards:reverse"
 
 
 @pytest.fixture(scope="module")

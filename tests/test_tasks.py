@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from hybridlab.tasks import TASKS, generate_examples, get_task, make_splits, reward, rewards, split_paths
+from hybridlab.tasks.toy import TASKS, generate_examples, get_task, make_splits, reward, rewards, split_paths
 
 
 @pytest.mark.parametrize(

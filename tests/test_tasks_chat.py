@@ -2,8 +2,8 @@
 
 import pytest
 
-from hybridlab import tasks_chat as tc
-from hybridlab.rewards import call_reward, load_reward
+from hybridlab.tasks import chat as tc
+from hybridlab.tasks.rewards import call_reward, load_reward
 
 
 def test_question_solver_and_reference():
@@ -54,7 +54,7 @@ def test_exact_reward_pays_only_the_reference_in_its_format():
 
 
 def test_reward_loads_by_dotted_path():
-    fn = load_reward("hybridlab.tasks_chat:exact_reward")
+    fn = load_reward("hybridlab.tasks.chat:exact_reward")
     q = tc.question(3, 4)
     assert call_reward(fn, [q, q], ["7", "8"], ["7", "7"]) == [1.0, 0.0]
     assert call_reward(fn, [q, q], ["7", "8"], [None, None]) == [1.0, 0.0]

@@ -8,8 +8,8 @@ import pytest
 import torch
 from test_rollout import check_teacher_scoring
 
-from hybridlab import tasks_chat as tc
-from hybridlab.models import build_model, build_tokenizer
+from hybridlab.tasks import chat as tc
+from hybridlab.tasks.models import build_model, build_tokenizer
 from hybridlab.train import TrainConfig, Trainer
 from hybridlab.train.data import as_row, load_prompts
 from hybridlab.train.rollout import teacher_encode

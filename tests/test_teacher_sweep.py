@@ -1,13 +1,13 @@
-"""The teacher-strength sweep (hybridlab.scripts.teacher_sweep): RL-only's run does not depend on the teacher (so
+"""The teacher-strength sweep (experiments.teacher_sweep): RL-only's run does not depend on the teacher (so
 one run per seed serves every teacher), per-teacher summaries, the two targets, argument checks."""
 
 import pytest
 import torch
 
-from hybridlab.models import build_model, build_tokenizer
-from hybridlab.scripts import teacher_sweep as ts
-from hybridlab.scripts.compare import comparison_config, parse_args
-from hybridlab.tasks import make_splits
+from experiments import teacher_sweep as ts
+from experiments.compare import comparison_config, parse_args
+from hybridlab.tasks.models import build_model, build_tokenizer
+from hybridlab.tasks.toy import make_splits
 from hybridlab.train import Trainer
 
 

@@ -157,7 +157,7 @@ def _real_model_check() -> dict[str, float]:  # pragma: no cover - manual, needs
 
     from transformers import AutoModelForCausalLM
 
-    from hybridlab.scripts.real_model import real_model_path
+    from hybridlab.scripts.fetch_real_model import real_model_path
 
     torch.set_num_threads(1)
     path = real_model_path()
@@ -181,7 +181,7 @@ if __name__ == "__main__":  # pragma: no cover
     if "--real" in sys.argv:
         import json
 
-        from hybridlab.scripts.probe_real_task import RESULTS
+        from experiments.probe_real_task import RESULTS
 
         result = _real_model_check()
         print(result)

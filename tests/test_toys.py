@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from hybridlab import exact as ex
-from hybridlab import toys
+from hybridlab.lab import exact as ex
+from hybridlab.lab import toys
 
 
 def test_copy_teacher_is_a_distribution_with_the_stated_rule():

@@ -8,9 +8,9 @@ import pytest
 import torch
 import yaml
 
-from hybridlab.memory import fused_bytes, logits_memory_table, materialised_bytes, saved_tensor_bytes
-from hybridlab.rewards import call_reward, exact_match, load_reward
+from hybridlab.lab.memory import fused_bytes, logits_memory_table, materialised_bytes, saved_tensor_bytes
 from hybridlab.scripts.make_tiny_models import make_tiny_models
+from hybridlab.tasks.rewards import call_reward, exact_match, load_reward
 from hybridlab.train import (
     PromptOrder,
     TrainConfig,
@@ -33,7 +33,7 @@ def tiny(tmp_path_factory):
 def _cfg(tiny, tmp_path, arch="llama", **kw) -> TrainConfig:
     base = dict(
         student=str(tiny[arch]["student"]), teacher=str(tiny[arch]["teacher"]), tokenizer=str(tiny["tokenizer"]["path"]),
-        prompts=str(tiny["prompts"]["path"]), reward="hybridlab.rewards:reverse", lr=3e-3, warmup_steps=2,
+        prompts=str(tiny["prompts"]["path"]), reward="hybridlab.tasks.rewards:reverse", lr=3e-3, warmup_steps=2,
         steps=4, prompts_per_step=4, samples_per_prompt=2, max_new_tokens=6, grad_accum=2, bf16=False,
         dense_backend="torch", output_dir=str(tmp_path / "run"), progress=False, cpu=True, cpu_threads=1, seed=0,
     )  # fmt: skip
@@ -54,6 +54,9 @@ def test_config_yaml_and_overrides(tmp_path):
     assert cfg.normalize_value == 2.0 and isinstance(cfg.normalize_value, float)
     assert load_config(p, ["--normalize", "tokens"]).normalize_value == "tokens"
     assert load_config(p).teacher_floor is None
+    neg = load_config(p, ["--teacher_floor", "-1e-3", "--teacher_prompt", "null", "--gamma", "0.5"])
+    assert neg.teacher_floor == -1e-3 and neg.teacher_prompt is None  # negative values; `null` unsets a text key
+    assert load_config(p, ["--teacher_prompt", "a {prompt}"]).teacher_prompt == "a {prompt}"
     c = load_config(p, ["--reward", "my.mod:fn", "--max-prompt-tokens", "512"])  # dashes work too
     assert (c.reward, c.max_prompt_tokens) == ("my.mod:fn", 512)
     p.write_text(
@@ -65,9 +68,24 @@ def test_config_yaml_and_overrides(tmp_path):
     assert (r.beta, r.lam, r.baseline, r.future) == (0.0, 3.0, "reward_group", "none")
     assert load_config(p, ["--beta", "0.5"], preset="rl_only").beta == 0.5
     # the shipped configs parse
-    for name in ("tiny_cpu", "example_gpu"):
+    for name in ("tiny_cpu", "example_gpu", "real_cpu", "real_gpu"):
         c = load_config(f"configs/{name}.yaml")
         assert c.steps > 0 and c.reward
+
+
+def test_config_paths_follow_the_environment(tmp_path, monkeypatch):
+    """real_cpu.yaml's models live where `make real-model` puts them: $HYBRIDLAB_MODELS, else runs/models."""
+    monkeypatch.delenv("HYBRIDLAB_MODELS", raising=False)
+    assert load_config("configs/real_cpu.yaml").student == "runs/models/smollm2-135m-instruct"
+    monkeypatch.setenv("HYBRIDLAB_MODELS", str(tmp_path / "models"))
+    c = load_config("configs/real_cpu.yaml")
+    assert c.student == c.teacher == str(tmp_path / "models" / "smollm2-135m-instruct")
+    p = tmp_path / "c.yaml"
+    p.write_text("student: ${NO_SUCH_VAR_HL}/s\nteacher: t\nprompts: p.jsonl\nteacher_prompt: '$x {prompt}'\n")
+    with pytest.raises(ValueError, match=r"NO_SUCH_VAR_HL"):
+        load_config(p)
+    p.write_text("student: s\nteacher: t\nprompts: p.jsonl\nreward: 'm${HYBRIDLAB_MODELS}:f'\n")
+    assert load_config(p).reward == "m${HYBRIDLAB_MODELS}:f"  # only paths are expanded
 
 
 @pytest.mark.parametrize(
@@ -80,6 +98,7 @@ def test_config_yaml_and_overrides(tmp_path):
         (["--normalize", "mean"], ["normalize", "'mean'"]),
         (["--normalize", "-1"], ["normalize", "-1"]),
         (["--lr", "fast"], ["lr", "'fast'", "float"]),
+        (["--lr", "-1e-3"], ["lr must be > 0", "-0.001"]),
         (["--bf16", "maybe"], ["bf16", "maybe"]),
         (["--steps", "0"], ["steps", "0"]),
         (["--steps", "2.5"], ["steps", "2.5", "int"]),
@@ -148,6 +167,8 @@ def test_prompts_file_errors(tmp_path):
     p.write_text('{"prompt": "12="}\nnot json\n')
     with pytest.raises(ValueError, match=r"p.jsonl:2: not valid JSON"):
         load_prompts(p)
+    with pytest.raises(ValueError, match="is a folder: give a JSONL file"):
+        load_prompts(tmp_path)
 
 
 def test_schedule_order_and_mask():
@@ -178,18 +199,18 @@ def test_schedule_order_and_mask():
 
 # ----------------------------------------------------------------------------------------- rewards
 def test_reward_dotted_paths_and_errors():
-    assert load_reward("hybridlab.rewards:exact_match") is exact_match
-    assert load_reward("hybridlab.rewards.exact_match") is exact_match
-    rev = load_reward("hybridlab.rewards:reverse")
+    assert load_reward("hybridlab.tasks.rewards:exact_match") is exact_match
+    assert load_reward("hybridlab.tasks.rewards.exact_match") is exact_match
+    rev = load_reward("hybridlab.tasks.rewards:reverse")
     assert rev(["123=", "45="], ["321", "45"], [None, None]) == [1.0, 0.0]
-    assert load_reward("hybridlab.rewards:add_partial")(["1+2="], ["3"], [None]) == [1.0]
+    assert load_reward("hybridlab.tasks.rewards:add_partial")(["1+2="], ["3"], [None]) == [1.0]
     assert exact_match(["q"], [" 42 "], ["42"]) == [1.0]
     with pytest.raises(ValueError, match="needs an 'answer'"):
         exact_match(["q"], ["42"], [None])
     for spec, msg in [
         ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
-        ("hybridlab.rewards:nope", "has no attribute 'nope'"),
-        ("hybridlab.rewards:__doc__", "not a callable"),
+        ("hybridlab.tasks.rewards:nope", "has no attribute 'nope'"),
+        ("hybridlab.tasks.rewards:__doc__", "not a callable"),
         ("exact_match", "module:function"),
         ("", "dotted path"),
     ]:
@@ -203,8 +224,8 @@ def test_reward_dotted_paths_and_errors():
 
 # ------------------------------------------------------------------------------------ vocabularies
 def test_vocab_mismatch_is_a_clear_error(tiny, tmp_path):
-    from hybridlab.models import build_tokenizer, save_model_dir
     from hybridlab.scripts.make_tiny_models import make_model
+    from hybridlab.tasks.models import build_tokenizer, save_model_dir
 
     v = len(build_tokenizer())
     small = save_model_dir(make_model("llama", v - 3, 0), build_tokenizer(), tmp_path / "small_teacher")
@@ -351,7 +372,7 @@ def test_memory_table_and_saved_bytes():
 
 
 def test_teacher_with_another_tokenizer_is_refused(tiny, tmp_path):
-    from hybridlab.models import build_tokenizer
+    from hybridlab.tasks.models import build_tokenizer
 
     other = tmp_path / "teacher_other_tok"
     import shutil
@@ -456,3 +477,139 @@ def test_the_fused_path_validates_each_input_once(monkeypatch):
         fh.fused_hybrid_loss(
             hid, w, (teacher[0], teacher[1][:10]), torch.zeros(2, 3, dtype=torch.long), torch.rand(2)
         )
+
+
+# ------------------------------------------------------------------ interrupted runs lose no finished work
+def _untimed_rows(run_dir):
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]
+
+
+def _weights_equal(a, b) -> bool:
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    return all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("error, fail_call, saved_step", [(ValueError, 7, 3), (KeyboardInterrupt, 5, 2)],
+                         ids=["nan-reward-at-step-4", "ctrl-c-at-step-3"])  # fmt: skip
+def test_an_error_or_ctrl_c_saves_the_finished_steps_and_resume_is_exact(tiny, tmp_path, error, fail_call, saved_step):
+    """checkpoint_every=0: a reward returning NaN in step 4 (or Ctrl-C in step 3) saves the state after the last
+    finished step, with the data order rewound to it, and says where; --resume then ends exactly where an
+    uninterrupted run ends (weights bit-identical, metrics equal). The start-of-run evaluation is a metrics row."""
+    rev = load_reward("hybridlab.tasks.rewards:reverse")
+    calls = [0]
+
+    def failing(prompts, responses, answers):  # grad_accum=2: calls 2k-1, 2k are step k's (no evaluation calls)
+        calls[0] += 1
+        if calls[0] == fail_call:
+            if error is KeyboardInterrupt:
+                raise KeyboardInterrupt
+            return [float("nan")] * len(prompts)
+        return rev(prompts, responses, answers)
+
+    kw = dict(steps=6, eval_prompts=str(tiny["prompts"]["path"]), eval_count=2, eval_every=3)
+    straight = Trainer(_cfg(tiny, tmp_path / "a", output_dir=str(tmp_path / "a"), **kw), reward=rev)
+    straight.train()
+    cfg = _cfg(tiny, tmp_path / "b", output_dir=str(tmp_path / "b"), **kw)
+    tr = Trainer(cfg, reward=failing)
+    tr.evaluate = lambda: Trainer.evaluate(tr) if calls[0] < fail_call else pytest.fail("evaluated after the error")
+    with pytest.raises(error) as e:
+        tr.train()
+    ck = tmp_path / "b" / "checkpoints" / f"step-{saved_step:08d}"
+    assert ck.is_dir()
+    assert f"saved the state after step {saved_step} to {ck}" in " ".join(getattr(e.value, "__notes__", []))
+    again = Trainer(cfg, reward=rev)
+    assert again.resume() and again.step == saved_step
+    assert again.order.consumed == saved_step * cfg.prompts_per_step  # rewound before the failing step
+    again.train()
+    assert again.step == 6 and _weights_equal(again, straight)
+    rows = _untimed_rows(tmp_path / "b")
+    assert rows == _untimed_rows(tmp_path / "a") and [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5, 6]
+    assert "eval_greedy_acc" in rows[0] and "loss" not in rows[0]  # the start-of-run evaluation
+
+
+def test_final_is_atomic_and_resume_finishes_a_run_killed_at_its_end(tiny, tmp_path):
+    from hybridlab.train.checkpoint import final_is_complete
+    from hybridlab.train.loop import run
+
+    out = tmp_path / "run"
+    cfg = _cfg(tiny, tmp_path, steps=2)
+    tr = Trainer(cfg)
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    tr.tokenizer.save_pretrained = full_disk  # fails after the weights of final/ are written
+    with pytest.raises(OSError):
+        tr.train()
+    assert not (out / "final").exists() and not (out / "summary.json").exists()  # no partial final/
+    assert (out / "checkpoints" / "step-00000002").is_dir()
+    _, s = run(cfg, resume=True)  # the last checkpoint is the last step: finish the run
+    assert s["complete"] and final_is_complete(out / "final") and json.loads((out / "summary.json").read_text())["complete"]
+    assert not list(out.glob(".final.*"))  # the interrupted write's leftovers are gone
+    for kill in ("no final", "partial final", "no summary"):  # a kill at each point of the run's end
+        if kill == "no final":
+            import shutil
+
+            shutil.rmtree(out / "final")
+        elif kill == "partial final":
+            (out / "final" / "model.safetensors").unlink()
+        else:
+            (out / "summary.json").unlink()
+        assert not (final_is_complete(out / "final") and (out / "summary.json").exists())
+        _, s = run(cfg, resume=True)
+        assert s["complete"] and final_is_complete(out / "final"), kill
+        assert json.loads((out / "summary.json").read_text())["complete"], kill
+    assert [r["step"] for r in _untimed_rows(out)] == [1, 2]  # finishing trained nothing more
+    _, s = run(cfg, resume=True)  # now really complete: nothing to do, same summary
+    assert s == json.loads((out / "summary.json").read_text())
+
+
+def test_a_corrupt_newest_checkpoint_is_skipped_for_the_older_one(tiny, tmp_path):
+    from hybridlab.train.loop import run
+
+    straight, _ = _run(tiny, tmp_path / "a", steps=3)
+    _run(tiny, tmp_path / "b", steps=3, stop_after=2, checkpoint_every=1)
+    (tmp_path / "b" / "checkpoints" / "step-00000002" / "model.safetensors").write_bytes(b"\0garbage" * 10)
+    resumed, s = run(_cfg(tiny, tmp_path, output_dir=str(tmp_path / "b"), steps=3, checkpoint_every=1), resume=True)
+    assert s["steps_this_run"] == 2 and s["complete"]  # from step 1
+    assert _weights_equal(resumed, straight)
+    for name in ("model.safetensors", "state.pt"):  # none readable: an error naming the folder, not a traceback
+        for ck in (tmp_path / "b" / "checkpoints").glob("step-*"):
+            (ck / name).write_bytes(b"\0garbage")
+    with pytest.raises(ValueError, match="no checkpoint in .* can be read"):
+        run(_cfg(tiny, tmp_path, output_dir=str(tmp_path / "b"), steps=3), resume=True)
+
+
+def test_user_errors_on_the_command_line_are_one_line(tiny, tmp_path, capsys, monkeypatch):
+    import transformers
+
+    from hybridlab.train import cli
+
+    base = ["--student", str(tiny["llama"]["student"]), "--teacher", str(tiny["llama"]["teacher"]),
+            "--tokenizer", str(tiny["tokenizer"]["path"]), "--prompts", str(tiny["prompts"]["path"]),
+            "--reward", "hybridlab.tasks.rewards:reverse", "--steps", "1", "--prompts_per_step", "2",
+            "--samples_per_prompt", "2", "--max_new_tokens", "4", "--bf16", "false", "--cpu", "true",
+            "--progress", "false", "--output_dir", str(tmp_path / "run")]  # fmt: skip
+
+    def offline(*a, **k):  # what transformers raises for a hub name without network
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    cases = [(["--student", "org/name"], "student 'org/name'"), (["--prompts", str(tmp_path)], "is a folder"),
+             (["--lr", "-1e-3"], "lr must be > 0, got -0.001")]  # fmt: skip
+    for extra, words in cases:
+        with monkeypatch.context() as m:
+            m.setattr(transformers.AutoModelForCausalLM, "from_pretrained", offline)
+            assert cli(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, (extra, err)
+    import hybridlab.train.checkpoint as ck
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ck, "save_model", full_disk)
+    assert cli(base) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err, err
+    assert "hybridlab.train: error: OSError" in err

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
+from experiments.compare import format_table, samples_to_threshold, summarize
 from hybridlab import dense_kl, hybrid_loss
-from hybridlab.models import build_model, build_tokenizer, load_meta, load_model_dir
-from hybridlab.rewards import load_reward
-from hybridlab.scripts.compare import format_table, samples_to_threshold, summarize
-from hybridlab.tasks import DATA_DIR, TASKS, make_splits
+from hybridlab.tasks.models import build_model, build_tokenizer, load_meta, load_model_dir
+from hybridlab.tasks.rewards import load_reward
+from hybridlab.tasks.toy import DATA_DIR, TASKS, make_splits
 from hybridlab.train import (
     METHODS,
     TrainConfig,
@@ -23,7 +23,7 @@ from hybridlab.train import (
 from hybridlab.train.data import as_row
 from hybridlab.train.rollout import assemble
 
-REV = "hybridlab.rewards:reverse"
+REV = "hybridlab.tasks.rewards:reverse"
 
 PROMPTS = ["12=", "4567=", "908+1=", "3="]  # different lengths: left padding is exercised
 
@@ -76,7 +76,7 @@ def test_row_t_produced_token_t(arch, temperature, tok):
 def test_rollout_matches_generate_logits(tok):
     """The scoring forward reproduces the logits `generate` sampled from (same positions, left padding)."""
     model = build_model("gpt2", "tiny", vocab_size=len(tok), seed=4)
-    from hybridlab.models import encode_prompts
+    from hybridlab.tasks.models import encode_prompts
 
     enc = encode_prompts(tok, PROMPTS)
     torch.manual_seed(1)
@@ -148,7 +148,7 @@ def _trainer(method: str, tok, teacher=None, reward=REV, **kw) -> Trainer:
 def test_each_method_trains_a_step(method, tok):
     # partial credit: a random student's rewards differ within a group, so RL-only gets a gradient too
     tr = _trainer(
-        method, tok, reward="hybridlab.rewards:reverse_partial", prompts_per_step=3, samples_per_prompt=4
+        method, tok, reward="hybridlab.tasks.rewards:reverse_partial", prompts_per_step=3, samples_per_prompt=4
     )
     before = [p.detach().clone() for p in tr.model.parameters()]
     t_before = [p.detach().clone() for p in tr.teacher.parameters()]
@@ -247,7 +247,7 @@ def test_shipped_student_init_is_weaker_than_teacher():
 
 
 def test_train_teacher_script_writes_a_documented_checkpoint(tmp_path):
-    from hybridlab.scripts.train_teacher import corrupt_answers, main
+    from experiments.train_teacher import corrupt_answers, main
 
     out = tmp_path / "t"
     meta = main(["--task", "reverse", "--out", str(out), "--size", "tiny", "--steps", "4", "--eval-every", "2",
@@ -270,7 +270,7 @@ def test_train_teacher_script_writes_a_documented_checkpoint(tmp_path):
 def test_scripts_help_and_default_outputs(capsys, tmp_path):
     """The comparison and the teacher script: `-m` usage, help text and a default on every option, results
     under runs/ unless the shipped data are regenerated explicitly (--shipped)."""
-    from hybridlab.scripts import compare, train_teacher
+    from experiments import compare, train_teacher
 
     for mod, prog in ((compare, "compare"), (train_teacher, "train_teacher")):
         with pytest.raises(SystemExit):

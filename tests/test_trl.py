@@ -32,8 +32,8 @@ G = 4  # num_generations
 
 # ------------------------------------------------------------------------------------------------ helpers
 def tiny_models(teacher_vocab: int | None = None):
-    from hybridlab.models import build_tokenizer
     from hybridlab.scripts.make_tiny_models import make_model
+    from hybridlab.tasks.models import build_tokenizer
 
     tok = build_tokenizer()
     v = len(tok)
@@ -47,7 +47,7 @@ def tiny_models(teacher_vocab: int | None = None):
 def dataset(n: int = 24):
     from datasets import Dataset
 
-    from hybridlab.tasks import generate_examples
+    from hybridlab.tasks.toy import generate_examples
 
     return Dataset.from_list(generate_examples("reverse", n=n, seed=0))
 
@@ -172,7 +172,7 @@ def test_training_forward_scores_the_sampled_distribution():
     are those the tokens were sampled with. Control: default positions (0..L-1, padding counted) on an
     absolute-position model (GPT-2) score another distribution."""
     from hybridlab.integrations.trl import model_inputs
-    from hybridlab.models import build_model, build_tokenizer
+    from hybridlab.tasks.models import build_model, build_tokenizer
 
     tok, model = build_tokenizer(), build_model("gpt2", "tiny", seed=0).eval()
     model.generation_config.eos_token_id = None  # exactly n tokens, no EOS masking in the scores
@@ -191,6 +191,60 @@ def test_training_forward_scores_the_sampled_distribution():
     assert (plain.gather(2, acts) - sampled).abs().max() > 1e-2
 
 
+def _sampler_vs_scorer_gap(tmp_path, cls):
+    """Max |log-prob the sampler drew a completion token with - log-prob the training forward gives it|, for a
+    student whose folder's generation_config.json bans, suppresses and penalises tokens and sets a minimum length."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from hybridlab.integrations.trl import HybridGRPOTrainer, model_inputs
+
+    student, teacher, tok = tiny_models()
+    digits = tok.convert_tokens_to_ids(["1", "2", "3"])
+    student.save_pretrained(tmp_path / "student")
+    GenerationConfig(no_repeat_ngram_size=1, min_new_tokens=4, suppress_tokens=digits[:1], bad_words_ids=[[digits[1]]],
+                     begin_suppress_tokens=[digits[2]], eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                     bos_token_id=tok.bos_token_id).save_pretrained(tmp_path / "student")  # fmt: skip
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student", use_safetensors=True)
+    assert student.generation_config.min_new_tokens == 4  # the folder's defaults were loaded
+    tr = (cls or HybridGRPOTrainer)(model=student, teacher_model=teacher, reward_funcs=[count_reward],
+                                    args=config(tmp_path / "run", reward_weights=None), train_dataset=dataset(),
+                                    processing_class=tok)  # fmt: skip
+    seen, orig = {}, type(tr.model).generate
+
+    def generate(*a, **kw):  # GRPO's call, plus the scores the sampler drew from
+        out = orig(tr.model, *a, output_scores=True, return_dict_in_generate=True, **kw)
+        seen["scores"] = torch.stack(out.scores, 1).float()
+        return out.sequences
+
+    tr.model.generate = generate
+    _, gen = generation_batch(tr)
+    acts, mask = gen["completion_ids"], gen["completion_mask"].bool()
+    drawn = torch.log_softmax(seen["scores"][:, : acts.shape[1]], -1).gather(-1, acts[..., None])[..., 0]
+    ids = torch.cat([gen["prompt_ids"], acts], 1)
+    att = torch.cat([gen["prompt_mask"], gen["completion_mask"]], 1)
+    with torch.no_grad():
+        z = tr.model(**model_inputs(ids, att, True)).logits[:, -(acts.shape[1] + 1) : -1].double()
+    scored = torch.log_softmax(z / tr.args.temperature, -1).gather(-1, acts[..., None])[..., 0]
+    assert tr.model.generation_config.min_new_tokens == 4  # swapped out for the call only
+    return float((drawn.double() - scored)[mask].abs().max())
+
+
+def test_sampling_ignores_the_student_folders_generation_defaults(tmp_path):
+    """The completions are drawn from softmax(z / temperature), the policy the loss differentiates, whatever the
+    student folder's generation_config.json says. Control: GRPO's generation as is samples another distribution."""
+    from trl import GRPOTrainer
+
+    from hybridlab.integrations.trl import HybridGRPOTrainer
+
+    class AsGRPO(HybridGRPOTrainer):
+        def _generate_single_turn(self, *a, **k):
+            return GRPOTrainer._generate_single_turn(self, *a, **k)
+
+    gap = _sampler_vs_scorer_gap(tmp_path / "a", None)
+    assert gap < 1e-4, gap  # fp32 forwards of one model, batched differently
+    assert _sampler_vs_scorer_gap(tmp_path / "b", AsGRPO) > 0.1
+
+
 def test_unscorable_completions_leave_the_loss(tmp_path):
     """A completion every reward function returns None for has no R: it is masked out (GRPO gives it 0 advantage)."""
 
@@ -202,6 +256,58 @@ def test_unscorable_completions_leave_the_loss(tmp_path):
     assert not gen["hybrid_mask"][::4].any() and gen["hybrid_mask"][1].any()
     assert torch.all(gen["hybrid_rewards"][::4] == 0) and torch.all(gen["hybrid_rewards"][1::4] == 1)
     assert float(gen["hybrid_n_tok"]) == float(gen["hybrid_mask"].sum())
+
+
+def _some_none(completion_ids, **kw):
+    return [None if i % 4 == 0 else 1.0 for i in range(len(completion_ids))]
+
+
+def test_left_out_rows_leave_the_counts_and_the_teacher_kl_metric(tmp_path):
+    """Unscorable completions leave the loss *and* its divisor, as in hybridlab.train: the adapter's gradient is
+    hybrid_loss's on the kept rows alone (normalize="sequences"), and hybrid/teacher_kl is the kept rows' mean of
+    sum_t KL_t, checked against a float64 KL written here. Control: dividing by all rows is another gradient."""
+    from hybridlab import hybrid_loss
+    from hybridlab.integrations.trl import model_inputs
+
+    tr = make_trainer(tmp_path, reward_funcs=[_some_none], reward_weights=None, baseline="none")
+    _, gen = generation_batch(tr)
+    g = adapter_grad(tr, gen, n_micro=1)
+    kl_logged = tr._metrics["train"]["hybrid/teacher_kl"][-1]
+    keep = torch.arange(8) % 4 != 0
+    ids = torch.cat([gen["prompt_ids"], gen["completion_ids"]], 1)[keep]
+    att = torch.cat([gen["prompt_mask"], gen["completion_mask"]], 1)[keep]
+    acts, mask = gen["completion_ids"][keep], gen["completion_mask"].bool()[keep]
+    n, a = acts.shape[1], tr.args
+    with torch.no_grad():
+        q = tr.teacher_model(**model_inputs(ids, att, True)).logits[:, -(n + 1) : -1]
+    tr.model.zero_grad(set_to_none=True)
+    z = tr.model(**model_inputs(ids, att, True)).logits[:, -(n + 1) : -1]
+    kw = dict(mask=mask, beta=a.teacher_beta, lam=a.lam, future=a.future, baseline="none", temperature=a.temperature)
+    hybrid_loss(z, q, acts, torch.ones(int(keep.sum())), normalize="sequences", **kw).loss.backward()
+    ref = flat_grad(tr.model)
+    assert rel(g, ref) < 1e-6, rel(g, ref)
+    assert abs(rel(g, ref * keep.float().mean()) - 1 / 3) < 1e-3  # dividing by all 8 rows instead of the 6 kept
+    lp = torch.log_softmax(z.detach().double() / a.temperature, -1)
+    lq = torch.log_softmax(q.double(), -1)
+    kl_rows = ((lp.exp() * (lp - lq)).sum(-1) * mask).sum(1)  # [6]
+    assert kl_logged == pytest.approx(float(kl_rows.mean()), rel=1e-5)
+    assert kl_logged > float(kl_rows.sum()) / 8 * 1.2  # the old all-rows mean counts the dropped rows as 0
+
+
+def test_a_batch_without_any_reward_warns(tmp_path):
+    def all_none(completion_ids, **kw):
+        return [None] * len(completion_ids)
+
+    tr = make_trainer(tmp_path, reward_funcs=[all_none], reward_weights=None)
+    with pytest.warns(RuntimeWarning, match="every reward of this train batch"):
+        _, gen = generation_batch(tr)
+    assert not gen["hybrid_mask"].any()
+    tr2 = make_trainer(tmp_path, reward_funcs=[_some_none], reward_weights=None)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # control: some rewards, no warning
+        generation_batch(tr2)
 
 
 def test_teacher_from_a_local_folder_and_checkpoint_resume(tmp_path):
@@ -326,6 +432,10 @@ def test_trl_divergence_with_tempered_teacher_equals_hybrid_loss():
         (dict(top_p=0.9), "top_p=0.9"),
         (dict(top_k=5), "top_k=5"),
         (dict(repetition_penalty=1.1), "repetition_penalty"),
+        (dict(generation_kwargs={"min_new_tokens": 3}), "min_new_tokens=3"),
+        (dict(generation_kwargs={"no_repeat_ngram_size": 2}), "no_repeat_ngram_size=2"),
+        (dict(generation_kwargs={"suppress_tokens": [3]}), "suppress_tokens"),
+        (dict(generation_kwargs={"forced_eos_token_id": 2}), "forced_eos_token_id"),
         (dict(generation_kwargs={"temperature": 0.5}), "temperature"),
         (dict(entropy_coef=0.01), "entropy_coef"),
         (dict(top_entropy_quantile=0.2), "top_entropy_quantile"),

@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from hybridlab import viz  # noqa: E402
+from hybridlab.lab import figures as viz  # noqa: E402
 
 UNIT_MARKERS = ("(", "[")
 

@@ -10,8 +10,8 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from hybridlab import viz_training as vt  # noqa: E402
-from hybridlab.viz import check_figure  # noqa: E402
+from hybridlab.lab import figures_training as vt  # noqa: E402
+from hybridlab.lab.figures import check_figure  # noqa: E402
 
 
 def _runs(methods=("dense_only", "rl_only", "hybrid"), seeds=(0, 1, 2)):
@@ -63,7 +63,7 @@ def test_scatter_run_and_checkpoint_figures():
 
 
 def _sweep_result():
-    from hybridlab.scripts import teacher_sweep as ts
+    from experiments import teacher_sweep as ts
 
     recs = []
     for seed in (0, 1):

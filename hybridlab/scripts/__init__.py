@@ -1,1 +1,1 @@
-"""Command-line scripts: `python -m hybridlab.scripts.train_teacher`, `python -m hybridlab.scripts.compare`."""
+"""User commands: `python -m hybridlab.scripts.make_tiny_models`, `python -m hybridlab.scripts.fetch_real_model` (`make real-model`), `python -m hybridlab.scripts.check_distributed`."""

@@ -7,9 +7,9 @@ writes
     <out>/tokenizer/        the shared tokenizer (config key `tokenizer`)
     <out>/<arch>/student/   model.safetensors, config.json, generation_config.json
     <out>/<arch>/teacher/   same architecture, one layer more, another seed, a sharper random init
-    <out>/prompts.jsonl     "reverse" toy-task prompts with answers (reward: hybridlab.rewards:reverse)
+    <out>/prompts.jsonl     "reverse" toy-task prompts with answers (reward: hybridlab.tasks.rewards:reverse)
 
-The tokenizer is the repository's character tokenizer (`hybridlab.models.build_tokenizer`): <pad>, <bos>, <eos>
+The tokenizer is the repository's character tokenizer (`hybridlab.tasks.models.build_tokenizer`): <pad>, <bos>, <eos>
 and the digits, "+" and "=". It lives in its own folder because transformers' AutoTokenizer, given a folder whose
 config.json says model_type "qwen2", loads it as a Qwen2Tokenizer and adds Qwen's <|endoftext|> token. The
 models are randomly initialised: a smoke run shows the machinery (the KL to the teacher falls), not a skill.
@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-from ..models import BOS_ID, EOS_ID, PAD_ID, _quiet_progress, build_tokenizer
-from ..tasks import generate_examples
+from ..tasks.models import BOS_ID, EOS_ID, PAD_ID, _quiet_progress, build_tokenizer
+from ..tasks.toy import generate_examples
 
 ARCHS = ("llama", "qwen2")
 

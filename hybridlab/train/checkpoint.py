@@ -36,7 +36,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Replace the file `path` by `text` atomically (temp file, fsync, rename)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
@@ -106,7 +107,7 @@ def save_checkpoint(
         os.replace(final, aside)
     os.replace(tmp, final)
     _fsync_dir(root)
-    _write_atomic(root / "latest", json.dumps({"step": step, "path": final.name}))
+    write_atomic(root / "latest", json.dumps({"step": step, "path": final.name}))
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
     if keep > 0:  # rotate the others, never the checkpoint just written
@@ -136,10 +137,35 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return done[-1] if done else None
 
 
+def checkpoints_newest_first(run_dir: str | os.PathLike) -> list[Path]:
+    """Every complete-looking checkpoint, the one `latest` points to first, then by step, newest first."""
+    first = latest_checkpoint(run_dir)
+    rest = sorted(_complete(Path(run_dir) / "checkpoints"), reverse=True)
+    return ([first] if first is not None else []) + [p for p in rest if p != first]
+
+
+def final_is_complete(path: str | os.PathLike) -> bool:
+    """A final model folder as `save_final` leaves it: config, every safetensors shard, tokenizer."""
+    p = Path(path)
+    if not (p.is_dir() and (p / "config.json").is_file() and (p / "tokenizer_config.json").is_file()):
+        return False
+    index = p / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError):
+            return False
+        return all((p / s).is_file() for s in shards)
+    return (p / "model.safetensors").is_file()
+
+
 def clean_stale(run_dir: str | os.PathLike) -> list[str]:
-    """Remove `.step-*.tmp-*` folders that an interrupted write left in `run_dir/checkpoints/`; returns them."""
+    """Remove the `.step-*.tmp-*` folders (in `run_dir/checkpoints/`) and `.final.tmp-*` / `.final.old-*` folders
+    (in `run_dir`) that an interrupted write left behind; returns their names."""
     root = Path(run_dir) / "checkpoints"
     stale = sorted(p for p in root.glob(".step-*.tmp-*") if p.is_dir()) if root.is_dir() else []
+    run = Path(run_dir)
+    stale += sorted(p for p in (*run.glob(".final.tmp-*"), *run.glob(".final.old-*")) if p.is_dir())
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)
     return [p.name for p in stale]
@@ -182,7 +208,10 @@ def load_checkpoint(
 #: Config keys that may change between a run and its --resume without changing what it computes.
 RESUME_MAY_CHANGE = frozenset(
     {"stop_after", "output_dir", "progress", "tensorboard", "checkpoint_every", "keep_checkpoints", "save_final",
-     "overwrite", "cpu_threads", "resume"}
+     "overwrite", "cpu_threads", "resume",
+     # where the served teacher lives and how patiently it is asked (a restarted server may move); the
+     # vocabulary and tokenizer checks at connect still refuse another teacher
+     "teacher_url", "teacher_token_file", "teacher_timeout", "teacher_retries"}
 )  # fmt: skip
 
 
@@ -248,14 +277,28 @@ class CheckpointMixin:
         if self.main:
             for name in clean_stale(self.out):
                 self._log(f"removed {name}, left by an interrupted checkpoint write")
-        path = latest_checkpoint(self.out)
-        if path is None:
+        candidates = checkpoints_newest_first(self.out)
+        if not candidates:
             return False
-        info = (
-            self._load_fsdp(path)
-            if self.fsdp
-            else load_checkpoint(path, self.model, self.optimizer, self.scheduler)
-        )
+        # a corrupt newest checkpoint (disk error, foreign write) falls back to an older one
+        for path in candidates:
+            try:
+                info = (
+                    self._load_fsdp(path)
+                    if self.fsdp
+                    else load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+                )
+                break
+            except ValueError:  # a checkpoint that reads fine but does not fit this run: not a corruption
+                raise
+            except Exception as e:  # every state is loaded again from the older checkpoint
+                self._log(f"warning: checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]}); "
+                          "trying the next older one")  # fmt: skip
+        else:
+            raise ValueError(
+                f"no checkpoint in {str(self.out / 'checkpoints')!r} can be read ({len(candidates)} tried); start "
+                "a new output_dir or --overwrite true"
+            )
         ex = info["extra"]
         if ex.get("optimizer_format", "torch") != ("fqn" if self.fsdp else "torch"):
             raise ValueError(f"checkpoint {path} was written {'with' if ex.get('optimizer_format') == 'fqn' else 'without'} "
@@ -277,6 +320,34 @@ class CheckpointMixin:
         self._log(f"resumed from {path} at step {self.step}")
         return True
 
+    def save_after_error(self, error: BaseException, order_before: dict | None) -> Path | None:
+        """After an exception or Ctrl-C in `train`: checkpoint the last consistent state (the finished steps, the
+        data order rewound to `order_before` when a step was in flight) and say where, in the log and as a note
+        on the exception. Returns the checkpoint, or None when nothing could be saved."""
+        what = f"{type(error).__name__} during step {self.step + 1}"
+        last = None if self.out is None else latest_checkpoint(self.out)
+        if self.out is None:
+            msg = f"{what}: nothing saved (output_dir is None)"
+        elif getattr(self, "_updating", False):
+            msg = f"{what}, in the middle of the optimizer update: no consistent state to save; last checkpoint {last}"
+        elif self.world > 1:  # the other processes may be mid-step: a collective save could hang
+            msg = f"{what} on a multi-process run: not saved; last checkpoint {last}"
+        elif last is not None and last.name == f"step-{self.step:08d}":
+            msg = f"{what}: the finished steps are already saved in {last}; continue with --resume"
+        else:
+            if order_before is not None:
+                self.order.load_state_dict(order_before)
+            try:
+                path = self.save()
+            except Exception as e:  # e.g. the disk is full
+                msg = f"{what}: saving step {self.step} failed too ({type(e).__name__}: {e}); last checkpoint {last}"
+            else:
+                msg = f"{what}: saved the state after step {self.step} to {path}; continue with --resume"
+                last = path
+        self._log(msg)
+        error.add_note(f"[hybridlab.train] {msg}")
+        return last
+
     def _load_fsdp(self, path: Path) -> dict:
         from safetensors.torch import load_file
         from torch.distributed.checkpoint.state_dict import (
@@ -296,15 +367,29 @@ class CheckpointMixin:
 
     def save_final(self) -> Path | None:
         """A Hugging Face model folder (safetensors + config + tokenizer) at <output_dir>/final."""
-        from ..models import _quiet_progress
+        from ..tasks.models import _quiet_progress
 
         sd = self.acc.get_state_dict(self.policy) if self.fsdp else None
         dst = self.out / "final"
         if self.main:
             kw = {} if sd is None else {"state_dict": {k.removeprefix("model."): v for k, v in sd.items()}}
+            # written beside, then renamed into place (as the checkpoints): a kill leaves the old final/ or none,
+            # never a partial one
+            tmp = self.out / f".final.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
             with _quiet_progress():
-                self.model.save_pretrained(dst, safe_serialization=True, **kw)
-            self.tokenizer.save_pretrained(dst)
+                self.model.save_pretrained(tmp, safe_serialization=True, **kw)
+            self.tokenizer.save_pretrained(tmp)
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            _fsync_dir(tmp)
+            aside = self.out / f".final.old-{os.getpid()}"
+            if dst.exists():
+                os.replace(dst, aside)
+            os.replace(tmp, dst)
+            _fsync_dir(self.out)
+            shutil.rmtree(aside, ignore_errors=True)
         self.acc.wait_for_everyone()
         return dst
 
@@ -321,7 +406,8 @@ class CheckpointMixin:
 
         out = {
             "steps": self.step, "steps_this_run": self.step - start, "total_steps": self.cfg.steps,
-            "complete": self.step == self.cfg.steps, "wall_s": wall,
+            "complete": self.step == self.cfg.steps and (final is not None or self.out is None
+                                                         or not self.cfg.save_final), "wall_s": wall,
             "tokens_per_s": sum(r["tokens"] for r in this) / max(1e-9, sum(r["step_s"] for r in this)) if this else None,
             "reward_first": mean("reward", rows[:k]), "reward_last": mean("reward", rows[-k:]),
             "kl_first": mean("kl", rows[:k]), "kl_last": mean("kl", rows[-k:]),
@@ -350,11 +436,20 @@ def format_summary(s: dict[str, Any]) -> str:
     ])  # fmt: skip
 
 
+def read_summary(path: Path) -> dict | None:
+    """summary.json as a dict, or None when it is missing or unreadable (a run killed while writing it)."""
+    try:
+        s = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return s if isinstance(s, dict) else None
+
+
 def truncate_metrics(path: Path, step: int) -> list[dict]:
     """Drop metrics lines after `step` (work a crash lost and a resume redoes), atomically; returns the rest."""
     if not path.exists():
         return []
     keep = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
     keep = [r for r in keep if r["step"] <= step]
-    _write_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
     return keep

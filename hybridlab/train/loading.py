@@ -26,7 +26,7 @@ def load_model(path: str, what: str, dtype: torch.dtype, trust_remote_code: bool
     """`AutoModelForCausalLM` from a local folder (safetensors only); errors name the config key `what`."""
     from transformers import AutoModelForCausalLM
 
-    from ..models import _quiet_progress
+    from ..tasks.models import _quiet_progress
 
     _check_path(path, what)
     p = Path(path).expanduser()
@@ -36,10 +36,15 @@ def load_model(path: str, what: str, dtype: torch.dtype, trust_remote_code: bool
                              f"folder? give that one as `tokenizer` and point `{what}` at the model)")  # fmt: skip
         if not any(p.glob("*.safetensors")):
             raise ValueError(f"{what} {path!r} has no *.safetensors weights (pickled weights are not loaded)")
-    with _quiet_progress():
-        return AutoModelForCausalLM.from_pretrained(
-            path, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=dtype
-        )
+    try:
+        with _quiet_progress():
+            return AutoModelForCausalLM.from_pretrained(
+                path, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=dtype
+            )
+    except OSError as e:  # a hub name without network, a missing repository, an unreadable file
+        where = "folder" if p.is_dir() else "hub name (not a local folder)"
+        raise ValueError(f"{what} {path!r}: no model could be loaded from this {where} ({type(e).__name__}: "
+                         f"{str(e)[:300]}); give a local model folder (no network is used at run time)") from None  # fmt: skip
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False, what: str = "tokenizer"):

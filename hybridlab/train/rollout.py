@@ -182,7 +182,7 @@ def assemble(tokenizer, rows: list[Row], enc: dict, tokens: torch.Tensor, reward
              temperature: float, teacher_enc: dict | None = None, mask_truncated: bool = False,
              sampler_logprobs: torch.Tensor | None = None, reward_name: str = "reward") -> Rollout:  # fmt: skip
     """A `Rollout` from prompt encodings [B, P] and response tokens [B, N]: masks, reward texts, rewards."""
-    from ..rewards import call_reward
+    from ..tasks.rewards import call_reward
 
     ids, am = enc["input_ids"], enc["attention_mask"]
     if tokens.dim() != 2 or tokens.shape[0] != ids.shape[0]:
@@ -217,7 +217,7 @@ def rollout(gen: Callable, tokenizer, rows: list[Row], *, reward_fn: Callable, e
             temperature: float, max_new_tokens: int, samples: int = 1, greedy: bool = False,
             chat_template: bool = False, max_prompt_tokens: int | None = None, teacher_prompt: str | None = None,
             from_teacher: bool = False, mask_truncated: bool = False, sampler_logprobs: bool = False,
-            device=None, reward_name: str = "reward") -> Rollout:  # fmt: skip
+            device=None, reward_name: str = "reward", max_teacher_prompt_tokens: int | None = None) -> Rollout:  # fmt: skip
     """Sample `samples` responses per row (contiguous groups) with `gen(input_ids=, attention_mask=,
     generation_config=, **kw)` (e.g. `functools.partial(generate, model)`) and assemble the `Rollout`.
 
@@ -225,7 +225,8 @@ def rollout(gen: Callable, tokenizer, rows: list[Row], *, reward_fn: Callable, e
     """
     rows = [as_row(r) for r in rows for _ in range(samples)]
     enc = encode(tokenizer, prompt_texts(rows), chat_template, max_prompt_tokens, device)
-    t_enc = teacher_encode(tokenizer, rows, teacher_prompt, chat_template, max_prompt_tokens, device)
+    # the teacher's own prefix has its own limit: max_prompt_tokens would cut its worked examples silently
+    t_enc = teacher_encode(tokenizer, rows, teacher_prompt, chat_template, max_teacher_prompt_tokens, device)
     src = t_enc if (from_teacher and t_enc is not None) else enc
     cfg = generation_config(tokenizer, eos_ids, temperature, max_new_tokens, greedy)
     kw = {"output_scores": True, "return_dict_in_generate": True} if sampler_logprobs else {}
@@ -241,12 +242,12 @@ def rollout(gen: Callable, tokenizer, rows: list[Row], *, reward_fn: Callable, e
 
 
 def reward_of(reward: str | Callable) -> Callable:
-    from ..rewards import load_reward
+    from ..tasks.rewards import load_reward
 
     return load_reward(reward) if isinstance(reward, str) else reward
 
 
-def sample(model, tokenizer, prompts: list[str | Row], *, reward: str | Callable = "hybridlab.rewards:exact_match",
+def sample(model, tokenizer, prompts: list[str | Row], *, reward: str | Callable = "hybridlab.tasks.rewards:exact_match",
            temperature: float = 1.0, max_new_tokens: int, greedy: bool = False, **kw) -> Rollout:  # fmt: skip
     """Responses of `model` to `prompts` (strings or rows) through `rollout`, e.g. for an evaluation."""
     dev = next(model.parameters()).device
@@ -256,7 +257,7 @@ def sample(model, tokenizer, prompts: list[str | Row], *, reward: str | Callable
 
 
 def teacher_forcing_rollout(tokenizer, prompts: list[str | Row], responses: list[str],
-                            reward: str | Callable = "hybridlab.rewards:exact_match") -> Rollout:  # fmt: skip
+                            reward: str | Callable = "hybridlab.tasks.rewards:exact_match") -> Rollout:  # fmt: skip
     """A `Rollout` of given response texts (each followed by EOS), e.g. ground-truth answers for SFT."""
     if len(prompts) != len(responses):
         raise ValueError(f"prompts ({len(prompts)}) and responses ({len(responses)}) differ in length")
@@ -292,18 +293,36 @@ def response_logits(model, ro: Rollout, teacher: bool = False) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_inputs(teacher, ro: Rollout, vocab: int, fused: bool = False):
+def teacher_inputs(teacher, ro: Rollout, vocab: int, fused: bool = False, topk: int | None = None):
     """Teacher logits [B, N, V] at the rollout's states (after the teacher's own prompt), or for the fused path
-    (hidden [B, N, H], LM head [V, H][, bias]); sliced to the student's vocabulary V."""
+    (hidden [B, N, H], LM head [V, H][, bias]); sliced to the student's vocabulary V. `topk`: only the top-k
+    log-probs of those logits, `TopKTeacher(logprobs [B, N, K], ids [B, N, K])` (what a served teacher sends)."""
     ids, am, p = ro.teacher_view()
     n = ro.actions.shape[1]
     kw = {"input_ids": ids, "attention_mask": am, "position_ids": positions(am)}
+    if topk is not None:
+        return teacher_topk(teacher, ro, vocab, topk)[0]
     if fused:
         h = teacher.base_model(**kw, use_cache=False).last_hidden_state[:, p - 1 : p + n - 1]
         head = teacher.get_output_embeddings()
         w = head.weight[:vocab]
         return (h.to(w.dtype), w) if head.bias is None else (h.to(w.dtype), w, head.bias[:vocab])
     return response_logits_of(teacher, kw, n)[..., :vocab]
+
+
+@torch.no_grad()
+def teacher_topk(teacher, ro: Rollout, vocab: int, k: int):
+    """(TopKTeacher(logprobs [B, N, K], ids [B, N, K]), logprob_precision): the teacher's top-k log-probs at the
+    rollout's states, and the rounding bound of their fp32 log-softmax (what a served teacher sends along)."""
+    from ..teacher_service.protocol import log_softmax_precision
+    from ..topk import topk_from_logits
+
+    ids, am, _ = ro.teacher_view()
+    kw = {"input_ids": ids, "attention_mask": am, "position_ids": positions(am)}
+    logits = response_logits_of(teacher, kw, ro.actions.shape[1])[..., :vocab].float()
+    t = topk_from_logits(logits, k)
+    sel = ro.mask.to(logits.device)
+    return t, log_softmax_precision(logits[sel], t.logprobs[sel])
 
 
 @contextlib.contextmanager

@@ -8,17 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from hybridlab.exact import exact_gradient, flat_grad, sample
 from hybridlab.hybrid import hybrid_loss
-from hybridlab.widgets import (
-    DEFAULTS,
-    METRICS,
-    MixingLab,
-    make_reward,
-    make_teacher,
-    optimal_policy,
-    plot_histories,
-)
+from hybridlab.lab.exact import exact_gradient, flat_grad, sample
+from hybridlab.lab.mixing import DEFAULTS, METRICS, make_reward, make_teacher, optimal_policy
+from hybridlab.lab.mixing_lab import MixingLab, plot_histories
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +264,7 @@ def test_shared_policy_learns_in_both_modes():
 
 
 def test_world_definitions():
-    from hybridlab.exact import enumerate_sequences, sequence_probs
+    from hybridlab.lab.exact import enumerate_sequences, sequence_probs
 
     space = enumerate_sequences(3, 3, eos=True)
     teacher = make_teacher(space)
@@ -310,7 +303,7 @@ def test_widgets_are_built_only_when_used():
 
 
 def test_cosine_hidden_where_the_gradients_vanish(lab):
-    from hybridlab.widgets import COSINE_MIN_NORM, visible_cosine
+    from hybridlab.lab.mixing_lab import COSINE_MIN_NORM, visible_cosine
 
     lab.set(lam=0.0, beta=1.0).run(200)  # pure imitation converges: both parts vanish
     h = lab.history

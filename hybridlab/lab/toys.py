@@ -5,7 +5,7 @@ token with probability 1 - delta and switches to one of the other tokens with pr
 trajectories are therefore almost always constant; prefixes that contain a switch are rare under the teacher,
 and prefixes with two switches rarer still.
 
-The student is a tabular policy over whole prefixes (`hybridlab.exact.TinyPolicy(kind="tabular")`, started
+The student is a tabular policy over whole prefixes (`hybridlab.lab.exact.TinyPolicy(kind="tabular")`, started
 uniform): it *can* represent the teacher exactly, but learns a state only where it gets training signal.
 Both imitation rules minimise the same per-state loss, the full-vocabulary reverse KL KL_t(s_t) of
 `hybridlab.dense_kl`, with the same budget of sequences; only the source of the states differs:
@@ -25,7 +25,7 @@ import math
 import torch
 from torch import nn
 
-from .dense import dense_kl
+from ..dense import dense_kl
 from .exact import (
     DTYPE,
     SequenceSpace,
@@ -197,3 +197,68 @@ def decode(
     for row, m in zip(actions.tolist(), mask.tolist()):
         out.append("".join("$" if a == eos else alphabet[a] for a, keep in zip(row, m) if keep))
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Notebook 03's small experiment: which divergence, fitted with limited capacity.
+
+
+def bump_logits(tokens: torch.Tensor, centre, width) -> torch.Tensor:
+    """Unnormalised log-density of a Gaussian bump on the token axis: -(j - centre)^2 / (2 width^2)."""
+    return -((tokens - centre) ** 2) / (2 * width**2)
+
+
+def fit_bump(
+    divergence: str,
+    teacher_logits: torch.Tensor,
+    *,
+    steps: int,
+    centre: float = 20.0,
+    log_width: float = 1.4,
+    lr: float = 0.2,
+) -> dict[str, object]:
+    """Fit a two-parameter student (a bump: centre, log width) to a teacher over the vocabulary with Adam.
+
+    divergence "reverse": KL(p || q), what on-policy distillation minimises (via `hybridlab.dense_kl`);
+    "forward": KL(q || p), what supervised KD (GKD at TRL's beta = 0) minimises.
+    Returns {"centre", "width", "p" [V], "loss"}.
+    """
+    if divergence not in ("reverse", "forward"):
+        raise ValueError(f"divergence must be 'reverse' or 'forward', got {divergence!r}")
+    tokens = torch.arange(teacher_logits.shape[-1], dtype=DTYPE)
+    logq = torch.log_softmax(teacher_logits.to(DTYPE), -1)
+    mu = torch.tensor(centre, dtype=DTYPE, requires_grad=True)
+    log_sigma = torch.tensor(log_width, dtype=DTYPE, requires_grad=True)
+    opt = torch.optim.Adam([mu, log_sigma], lr=lr)
+    for _ in range(steps):
+        logits = bump_logits(tokens, mu, log_sigma.exp())
+        if divergence == "reverse":
+            loss = dense_kl(logits[None], logq[None], backend="torch").sum()
+        else:
+            loss = (logq.exp() * (logq - torch.log_softmax(logits, 0))).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        p = torch.softmax(bump_logits(tokens, mu, log_sigma.exp()), 0)
+    return {"centre": mu.item(), "width": log_sigma.exp().item(), "p": p, "loss": loss.item()}
+
+
+def one_token_view(
+    student: nn.Module, teacher: nn.Module, actions: torch.Tensor, mask: torch.Tensor, t: int
+) -> dict[str, object]:
+    """The pieces of the decomposition for one response (actions, mask: [H]) seen from step t (1-based):
+
+    {"logratios": k_1..k_T [T], "vocab_terms": p(a|s_t) log(p(a|s_t)/q(a|s_t)) for every token a [V] (they sum to
+    KL_t(s_t)), "sampled": y_t, "kl_t": KL_t(s_t)}.
+    """
+    n = int(mask.sum())
+    if not 1 <= t <= n:
+        raise ValueError(f"t must be a position 1..{n} of the response (1-based), got {t}")
+    with torch.no_grad():
+        logp = torch.log_softmax(student(actions[None]), -1)[0]
+        logq = torch.log_softmax(teacher(actions[None]), -1)[0]
+    idx = actions[:n, None]
+    k = (logp[:n].gather(-1, idx) - logq[:n].gather(-1, idx))[:, 0]
+    terms = logp[t - 1].exp() * (logp[t - 1] - logq[t - 1])
+    return {"logratios": k, "vocab_terms": terms, "sampled": int(actions[t - 1]), "kl_t": float(terms.sum())}

@@ -1,7 +1,7 @@
 """Figures for notebook 08 (a real pretrained model): the teacher's advantage before training and the comparison of
 dense-only, RL-only and hybrid training, re-drawn from data/results/*.json. matplotlib only; every function returns
-a closed `Figure` that passes `hybridlab.viz.check_figure`. A method keeps its colour everywhere
-(`hybridlab.viz_training.METHOD_COLORS`)."""
+a closed `Figure` that passes `hybridlab.lab.figures.check_figure`. A method keeps its colour everywhere
+(`hybridlab.lab.figures_training.METHOD_COLORS`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
-from .viz_training import METHOD_COLORS, _legend_below
+from .figures_training import METHOD_COLORS, _legend_below
 
 LABELS = {"dense_only": "dense only (on-policy distillation)", "rl_only": "RL only", "hybrid": "hybrid"}
 
@@ -89,7 +89,7 @@ def plot_short_run(history: Mapping[str, Sequence[float]], title: str = "A short
         ax.grid(alpha=0.3)
     fig.tight_layout()
     plt.close(fig)
-    from .viz import check_figure
+    from .figures import check_figure
 
     check_figure(fig)
     return fig

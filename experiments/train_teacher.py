@@ -1,7 +1,7 @@
 """Train a small task model by supervised learning and save it as a safetensors checkpoint with TRAINING.md.
 
-    python -m hybridlab.scripts.train_teacher --task reverse --target-acc 0.6        # -> runs/teacher_reverse
-    python -m hybridlab.scripts.train_teacher --task reverse --target-acc 0.6 --shipped   # data/teacher_reverse
+    python -m experiments.train_teacher --task reverse --target-acc 0.6        # -> runs/teacher_reverse
+    python -m experiments.train_teacher --task reverse --target-acc 0.6 --shipped   # data/teacher_reverse
 
 Imperfect teachers, on purpose (so that the task reward carries information the teacher lacks):
     --target-acc A   stop at the first evaluation whose greedy eval accuracy reaches A (early stopping);
@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..tasks import DATA_DIR, TASKS, make_splits
+from hybridlab.tasks.toy import DATA_DIR, TASKS, make_splits
 
 
 def corrupt_answers(rows: list[dict[str, str]], fraction: float, seed: int) -> list[dict[str, str]]:
@@ -40,10 +40,10 @@ def corrupt_answers(rows: list[dict[str, str]], fraction: float, seed: int) -> l
 
 def evaluate(model, tokenizer, task: str, rows, max_new_tokens: int, seed: int) -> dict[str, float]:
     """Greedy exact-match accuracy and sampled (tau = 1) exact-match reward on `rows`."""
-    from ..train.rollout import sample, seeded
+    from hybridlab.train.rollout import sample, seeded
 
     model.eval()
-    kw = {"reward": f"hybridlab.rewards:{task}", "max_new_tokens": max_new_tokens}
+    kw = {"reward": f"hybridlab.tasks.rewards:{task}", "max_new_tokens": max_new_tokens}
     greedy = sample(model, tokenizer, rows, greedy=True, **kw)
     with seeded(seed):
         sampled = sample(model, tokenizer, rows, temperature=1.0, **kw)
@@ -52,10 +52,10 @@ def evaluate(model, tokenizer, task: str, rows, max_new_tokens: int, seed: int) 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
-        prog="python -m hybridlab.scripts.train_teacher", description=__doc__,
+        prog="python -m experiments.train_teacher", description=__doc__,
         formatter_class=type("F", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}),
     )  # fmt: skip
-    ap.add_argument("--task", default="reverse", choices=sorted(TASKS), help="toy task (hybridlab.tasks)")
+    ap.add_argument("--task", default="reverse", choices=sorted(TASKS), help="toy task (hybridlab.tasks.toy)")
     ap.add_argument("--out", default=None, help="checkpoint folder (default: runs/<role>_<task>)")
     ap.add_argument("--shipped", action="store_true",
                     help="write the shipped checkpoint data/<role>_<task> (regenerates tracked data)")  # fmt: skip
@@ -64,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--size",
         default="small",
         choices=["tiny", "small", "base"],
-        help="model size (hybridlab.models.SIZES)",
+        help="model size (hybridlab.tasks.models.SIZES)",
     )
     ap.add_argument("--steps", type=int, default=3000, help="maximum optimiser steps")
     ap.add_argument("--batch", type=int, default=64, help="examples per step")
@@ -93,9 +93,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
 
-    from ..models import build_model, build_tokenizer, count_parameters, save_model_dir
-    from ..train.policy import sft_loss
-    from ..train.rollout import response_logits, teacher_forcing_rollout
+    from hybridlab.tasks.models import build_model, build_tokenizer, count_parameters, save_model_dir
+    from hybridlab.train.policy import sft_loss
+    from hybridlab.train.rollout import response_logits, teacher_forcing_rollout
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -114,7 +114,7 @@ def main(argv=None) -> dict:
     while step < args.steps:
         batch = rng.sample(train, args.batch)
         ro = teacher_forcing_rollout(
-            tok, batch, [r["answer"] for r in batch], reward=f"hybridlab.rewards:{args.task}"
+            tok, batch, [r["answer"] for r in batch], reward=f"hybridlab.tasks.rewards:{args.task}"
         )
         model.train()
         logits = response_logits(model, ro)
@@ -137,7 +137,7 @@ def main(argv=None) -> dict:
                 break
     wall = time.perf_counter() - t0
     final = curve[-1]
-    cmd = "python -m hybridlab.scripts.train_teacher " + " ".join(
+    cmd = "python -m experiments.train_teacher " + " ".join(
         shlex.quote(a) for a in (argv or sys.argv[1:])
     )
     meta = {

@@ -1,7 +1,7 @@
 """The method comparison: 5 methods x seeds, same sample budget, one JSON of histories and a summary.
 
-    python -m hybridlab.scripts.compare --task reverse --seeds 0 1 2 --steps 600     # -> runs/compare_reverse.json
-    python -m hybridlab.scripts.compare --task reverse --seeds 0 1 2 --steps 600 --shipped   # the file in data/
+    python -m experiments.compare --task reverse --seeds 0 1 2 --steps 600     # -> runs/compare_reverse.json
+    python -m experiments.compare --task reverse --seeds 0 1 2 --steps 600 --shipped   # the file in data/
 
 Every method is a preset of the one training config (`hybridlab.train.PRESETS`) run by the one `Trainer`.
 Every run starts from the same student checkpoint (`data/student_<task>`), distils toward the same (imperfect)
@@ -25,8 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..tasks import DATA_DIR, TASKS, make_splits
-from ..train.config import METHODS
+from hybridlab.tasks.toy import DATA_DIR, TASKS, make_splits
+from hybridlab.train.config import METHODS
 
 REPO = DATA_DIR.parent
 
@@ -36,10 +36,10 @@ REWARD_KEY = "eval_reward"
 
 def comparison_config(task: str, method: str, seed: int, args: argparse.Namespace):
     """The `TrainConfig` of one (method, seed): the shared settings, then the method's preset on top."""
-    from ..train import TrainConfig
+    from hybridlab.train import TrainConfig
 
     return TrainConfig.preset(
-        method, reward=f"hybridlab.rewards:{task}", lam=args.lam, beta=args.beta, temperature=args.temperature,
+        method, reward=f"hybridlab.tasks.rewards:{task}", lam=args.lam, beta=args.beta, temperature=args.temperature,
         lr=args.lr, scheduler="constant", steps=args.steps, prompts_per_step=args.batch_prompts,
         samples_per_prompt=args.samples_per_prompt, max_new_tokens=TASKS[task].max_answer_len + 2,
         eval_every=args.eval_every, eval_count=args.eval_prompts, seed=seed, bf16=False, output_dir=None,
@@ -51,8 +51,8 @@ def run_one(task: str, method: str, seed: int, args: argparse.Namespace, splits:
     """Train one (method, seed) from the shipped student toward the shipped teacher; returns its record."""
     from dataclasses import asdict
 
-    from ..models import load_model_dir
-    from ..train import Trainer
+    from hybridlab.tasks.models import load_model_dir
+    from hybridlab.train import Trainer
 
     teacher, tok = load_model_dir(args.teacher)
     student, _ = load_model_dir(args.student)
@@ -163,10 +163,10 @@ def teacher_success(
     teacher, tokenizer, task: str, prompts: list[str], samples: int, seed: int = 0
 ) -> list[float]:
     """Per-prompt success probability of the teacher at temperature 1, estimated from `samples` samples each."""
-    from ..train.rollout import sample, seeded
+    from hybridlab.train.rollout import sample, seeded
 
     with seeded(seed):
-        ro = sample(teacher, tokenizer, prompts, reward=f"hybridlab.rewards:{task}", temperature=1.0,
+        ro = sample(teacher, tokenizer, prompts, reward=f"hybridlab.tasks.rewards:{task}", temperature=1.0,
                     max_new_tokens=TASKS[task].max_answer_len + 2, samples=samples)  # fmt: skip
     return ro.rewards.reshape(len(prompts), samples).mean(1).tolist()
 
@@ -228,10 +228,10 @@ def _rel(path: str) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
-        prog="python -m hybridlab.scripts.compare", description=__doc__,
+        prog="python -m experiments.compare", description=__doc__,
         formatter_class=type("F", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}),
     )  # fmt: skip
-    ap.add_argument("--task", default="reverse", choices=sorted(TASKS), help="toy task (hybridlab.tasks)")
+    ap.add_argument("--task", default="reverse", choices=sorted(TASKS), help="toy task (hybridlab.tasks.toy)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per method and seed")
     ap.add_argument(
         "--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods to run"
@@ -275,7 +275,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
 
-    from ..models import load_meta
+    from hybridlab.tasks.models import load_meta
 
     torch.set_num_threads(args.threads)
     tmeta, smeta = load_meta(args.teacher), load_meta(args.student)
@@ -283,7 +283,7 @@ def main(argv=None) -> dict:
     splits = make_splits(
         args.task, tmeta.get("n_train", 3000), args.eval_prompts, seed=tmeta.get("data_seed", 0)
     )
-    cmd = "python -m hybridlab.scripts.compare " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    cmd = "python -m experiments.compare " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     result = {
         "command": cmd,
         "task": args.task,

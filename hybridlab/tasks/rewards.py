@@ -10,7 +10,7 @@ Shipped here:
     reverse, sort, add the toy tasks' verifiable exact rewards (`hybridlab.tasks.reward`, solved from the prompt)
     reverse_partial, sort_partial, add_partial   their per-position partial-credit variants
 
-A config names one as "module:function" or "module.function", e.g. "hybridlab.rewards:exact_match" or
+A config names one as "module:function" or "module.function", e.g. "hybridlab.tasks.rewards:exact_match" or
 "my_project.rewards.f1" (the module must be importable: installed, or on PYTHONPATH).
 """
 
@@ -20,7 +20,7 @@ import importlib
 import math
 from collections.abc import Callable, Sequence
 
-from .tasks import rewards as _task_rewards
+from .toy import rewards as _task_rewards
 
 RewardFn = Callable[[Sequence[str], Sequence[str], Sequence[str | None]], Sequence[float]]
 
@@ -63,7 +63,7 @@ def load_reward(spec: str) -> RewardFn:
     is not callable. (Importing a module runs its code: name only modules you trust.)
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"reward must be a dotted path like 'hybridlab.rewards:exact_match', got {spec!r}")
+        raise ValueError(f"reward must be a dotted path like 'hybridlab.tasks.rewards:exact_match', got {spec!r}")
     spec = spec.strip()
     if ":" in spec:
         module, _, attr = spec.partition(":")
@@ -72,7 +72,7 @@ def load_reward(spec: str) -> RewardFn:
     if not module or not attr or ":" in attr:
         raise ValueError(
             f"reward {spec!r} must look like 'module:function' or 'module.function' "
-            "(e.g. 'hybridlab.rewards:exact_match')"
+            "(e.g. 'hybridlab.tasks.rewards:exact_match')"
         )
     try:
         mod = importlib.import_module(module)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .hybrid import flat_grad as _flat_grad
-from .hybrid import hybrid_loss
+from ..hybrid import flat_grad as _flat_grad
+from ..hybrid import hybrid_loss
 
 DTYPE = torch.float64
 
@@ -321,7 +321,7 @@ def group_estimate(
 ) -> torch.Tensor:
     """-grad(loss) on one group of responses ([G, H] actions and mask): the group's mean estimate. [P]
 
-    `loss_fn` has hybrid_loss's signature (a control from `hybridlab.controls` works too); a callable
+    `loss_fn` has hybrid_loss's signature (a control from `hybridlab.lab.controls` works too); a callable
     `baseline=` is evaluated on the group's (actions, mask) to give the [G, H] state baseline.
     """
     g = actions.shape[0]

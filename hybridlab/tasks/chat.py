@@ -8,7 +8,7 @@ user turn of the model's chat template. The teacher is the same model with `k` w
 (context distillation): earlier user/assistant turns in the same chat, the last user turn being the student's
 question, so the student's response tokens follow either prefix at aligned positions.
 
-Reward (`exact_reward`, the `hybridlab.rewards` signature): 1.0 iff the response (text before EOS) is the
+Reward (`exact_reward`, the `hybridlab.tasks.rewards` signature): 1.0 iff the response (text before EOS) is the
 reference in its format: the bare sum, or "a + b = sum" with the question's operands in order (spaces around
 "+" and "=" optional); one trailing "." and surrounding whitespace are allowed; 0.0 otherwise (an
 explanation, a wrong number, the other format). The reference is the row's answer when given, else it is solved
@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from collections.abc import Sequence as SequenceABC
 from pathlib import Path
 
-from .tasks import TASKS_DIR
+from .toy import TASKS_DIR
 
 FORMATS = {
     "number": "Answer with the number only.",

@@ -1,6 +1,6 @@
 """Time the pieces of one hybrid training step on the real model (CPU), to size a run before starting it.
 
-    python -m hybridlab.scripts.time_real_step [--prompts 4] [--group 4] [--max-new-tokens 8] [--shots 2]
+    python -m experiments.time_real_step [--prompts 4] [--group 4] [--max-new-tokens 8] [--shots 2]
 
 One step = sample `prompts x group` responses from the student (chat addition questions, temperature 1),
 a teacher forward on its own prefix (k worked examples) + the responses, a student forward + backward of the
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from .. import tasks_chat as tc
-from ..fused_hybrid import fused_hybrid_loss
-from ..hybrid import hybrid_loss
-from .probe_real_task import RESULTS, load
-from .real_model import real_model_path
+from experiments.probe_real_task import RESULTS, load
+from hybridlab.fused_hybrid import fused_hybrid_loss
+from hybridlab.hybrid import hybrid_loss
+from hybridlab.scripts.fetch_real_model import real_model_path
+from hybridlab.tasks import chat as tc
 
 
 def _left_batch(tok, prompts: list[str], responses: torch.Tensor, pad: int):

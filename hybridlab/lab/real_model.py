@@ -5,12 +5,12 @@
 The student answers "What is 8 + 7? Answer with the equation only." as a single user turn of the model's chat
 template; the teacher is the *same weights* with two worked examples as earlier chat turns (context distillation:
 each data row carries its "teacher_messages"). The reward is exact match of "8 + 7 = 15"
-(`hybridlab.tasks_chat.exact_reward`).
+(`hybridlab.tasks.chat.exact_reward`).
 
 Here: loading the converted folder, sampling answers (student or teacher), the stored measurements
 (data/results/real_model_probe.json before training, data/results/real_model_compare.json for the comparison,
-written by `python -m hybridlab.scripts.real_compare`), their final table and the targets, and a short real
-training run for the notebook's smoke mode. Plots: `hybridlab.viz_real`.
+written by `python -m experiments.real_compare`), their final table and the targets, and a short real
+training run for the notebook's smoke mode. Plots: `hybridlab.lab.figures_real`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from . import tasks_chat as tc
-from .scripts.real_model import REPO_ROOT, real_model_path
+from ..scripts.fetch_real_model import REPO_ROOT, real_model_path
+from ..tasks import chat as tc
 
 RESULTS = REPO_ROOT / "data" / "results"
 PROBE_JSON = RESULTS / "real_model_probe.json"
@@ -32,13 +32,13 @@ COMPARE_JSON = RESULTS / "real_model_compare.json"
 CPU_CONFIG = REPO_ROOT / "configs" / "real_cpu.yaml"
 METHODS = ("dense_only", "rl_only", "hybrid")
 DIGITS, FMT, SHOTS, SEED = 1, "equation", 2, 0  # the task every stored result uses
-REWARD = "hybridlab.tasks_chat:exact_reward"
+REWARD = "hybridlab.tasks.chat:exact_reward"
 
 
 def load(path: str | Path | None = None):
     """(model, tokenizer) of the converted folder (default: where `make real-model` puts it), fp32, eval mode,
     dropout off; FileNotFoundError saying how to make it when it is missing."""
-    from .train.loading import load_model, load_tokenizer, make_deterministic, prepare_tokenizer
+    from ..train.loading import load_model, load_tokenizer, make_deterministic, prepare_tokenizer
 
     path = real_model_path() if path is None else Path(path)
     if not (Path(path) / "config.json").is_file():
@@ -62,7 +62,7 @@ def model_facts(model) -> dict[str, Any]:
 
 def task_rows(split: str = "eval", n: int | None = None) -> list[dict]:
     """The shipped prompt rows ({"prompt", "answer", "teacher_messages"}) of the train or eval split."""
-    from .train.data import load_prompts
+    from ..train.data import load_prompts
 
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
@@ -83,7 +83,7 @@ def answers(model, tokenizer, rows: Sequence[dict], *, samples: int = 1, greedy:
     """Responses to `rows` through the trainer's own rollout path (chat template, full-vocabulary sampling at T=1
     or greedy), from the student's prompt or, with `teacher=True`, after the row's teacher_messages; one dict per
     response: question, response text, exact-match reward."""
-    from .train.rollout import sample, seeded
+    from ..train.rollout import sample, seeded
 
     with seeded(seed):
         ro = sample(model, tokenizer, list(rows), reward=REWARD, temperature=1.0, max_new_tokens=max_new_tokens,
@@ -210,7 +210,7 @@ def short_run(model, tokenizer, method: str = "hybrid", *, steps: int = 2, promp
     """A short real training run of `method` on the real model, in memory: the student is a copy of `model`, the
     teacher `model` itself after each row's teacher_messages; configs/real_cpu.yaml's objective. Returns the
     trainer's history (per step: reward, kl, loss, ...; with eval_count > 0, evaluations at the start and end)."""
-    from .train import Trainer, load_config
+    from ..train import Trainer, load_config
 
     base = load_config(CPU_CONFIG)
     kw = {k: getattr(base, k) for k in ("lam", "beta", "future", "gamma", "baseline", "temperature", "normalize",

@@ -1,14 +1,14 @@
 """When does the teacher help? Dense-only, RL-only and hybrid with teachers of three strengths, 3 seeds each.
 
-    python -m hybridlab.scripts.teacher_sweep                 # -> runs/teacher_sweep/ and runs/teacher_sweep.json
-    python -m hybridlab.scripts.teacher_sweep --shipped       # the results file data/results/teacher_sweep.json
+    python -m experiments.teacher_sweep                 # -> runs/teacher_sweep/ and runs/teacher_sweep.json
+    python -m experiments.teacher_sweep --shipped       # the results file data/results/teacher_sweep.json
 
 1. Teachers: one supervised run of the shipped teacher's recipe (llama `small`, batch 64, AdamW 2e-3, seed 0),
    evaluated every `--teacher-eval-every` steps on the 200 eval prompts; the checkpoint is saved the first time
    the *sampled* (tau = 1) exact-match reward reaches each target (default 0.2, 0.45, 0.8): weak, medium and
    strong teachers that are early stops of one training run.
 2. Runs: every (teacher, method, seed) starts from the shipped student (`data/student_<task>`) with the
-   comparison's settings (`hybridlab.scripts.compare`: lam 3, beta 1, AdamW 3e-4, 16 prompts x 4 samples),
+   comparison's settings (`experiments.compare`: lam 3, beta 1, AdamW 3e-4, 16 prompts x 4 samples),
    for `--steps` steps. RL-only has beta = 0: its updates never read the teacher, so its run is the same for
    every teacher (tests/test_teacher_sweep.py checks it); it is trained once per seed and its KL is measured
    against each teacher on the same evaluation samples.
@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..tasks import DATA_DIR, TASKS, make_splits
+from hybridlab.tasks.toy import DATA_DIR, TASKS, make_splits
 
 METHODS = ("dense_only", "rl_only", "hybrid")
 NAMES = ("weak", "medium", "strong")
@@ -39,10 +39,10 @@ CURVE_KEYS = ("eval_samples", "eval_reward", "eval_kl", "eval_greedy_acc")
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
-        prog="python -m hybridlab.scripts.teacher_sweep", description=__doc__,
+        prog="python -m experiments.teacher_sweep", description=__doc__,
         formatter_class=type("F", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}),
     )  # fmt: skip
-    ap.add_argument("--task", default="reverse", choices=sorted(TASKS), help="toy task (hybridlab.tasks)")
+    ap.add_argument("--task", default="reverse", choices=sorted(TASKS), help="toy task (hybridlab.tasks.toy)")
     ap.add_argument("--targets", type=float, nargs=3, default=[0.2, 0.45, 0.8],
                     help="sampled eval reward at which the weak, medium and strong teachers stop")  # fmt: skip
     ap.add_argument("--teacher-size", default="small", choices=["tiny", "small", "base"], help="teacher size")
@@ -86,10 +86,16 @@ def train_teachers(args, splits) -> dict[str, dict]:
 
     import torch
 
-    from ..models import build_model, build_tokenizer, count_parameters, load_meta, save_model_dir
-    from ..train.policy import sft_loss
-    from ..train.rollout import response_logits, teacher_forcing_rollout
-    from .train_teacher import evaluate
+    from experiments.train_teacher import evaluate
+    from hybridlab.tasks.models import (
+        build_model,
+        build_tokenizer,
+        count_parameters,
+        load_meta,
+        save_model_dir,
+    )
+    from hybridlab.train.policy import sft_loss
+    from hybridlab.train.rollout import response_logits, teacher_forcing_rollout
 
     work = Path(args.work) / "teachers"
     dirs = {n: work / n for n in NAMES}
@@ -107,7 +113,7 @@ def train_teachers(args, splits) -> dict[str, dict]:
     for step in range(1, args.teacher_max_steps + 1):
         batch = rng.sample(splits["train"], 64)
         ro = teacher_forcing_rollout(tok, batch, [r["answer"] for r in batch],
-                                     reward=f"hybridlab.rewards:{args.task}")  # fmt: skip
+                                     reward=f"hybridlab.tasks.rewards:{args.task}")  # fmt: skip
         model.train()
         loss = sft_loss(response_logits(model, ro), ro.actions, ro.mask) / ro.mask.sum(1).float().mean()
         opt.zero_grad(set_to_none=True)
@@ -140,9 +146,9 @@ def train_teachers(args, splits) -> dict[str, dict]:
 def _kl_trainer_class():
     import torch
 
-    from ..dense import dense_kl
-    from ..train import Trainer
-    from ..train.rollout import response_logits, seeded, teacher_inputs
+    from hybridlab.dense import dense_kl
+    from hybridlab.train import Trainer
+    from hybridlab.train.rollout import response_logits, seeded, teacher_inputs
 
     class KLTrainer(Trainer):
         """A Trainer whose evaluation also measures the sequence KL to other teachers, on the same samples."""
@@ -173,8 +179,8 @@ def run_teacher_method(args, splits, teachers: dict, name: str, method: str, see
     """One run toward the teacher `name` (RL-only: teacher-independent, `name` is None)."""
     from dataclasses import asdict
 
-    from ..models import load_model_dir
-    from . import compare
+    from experiments import compare
+    from hybridlab.tasks.models import load_model_dir
 
     student, tok = load_model_dir(args.student)
     cargs = compare.parse_args(["--task", args.task, "--steps", str(args.steps), "--eval-every",
@@ -228,7 +234,7 @@ def per_teacher_runs(records: list[dict], name: str) -> list[dict]:
 
 def summarize(records: list[dict], teachers: dict) -> dict:
     """Per teacher: compare.summarize (final reward / KL over seeds, samples to RL-only's final reward)."""
-    from . import compare
+    from experiments import compare
 
     out = {}
     for name, meta in teachers.items():
@@ -283,7 +289,7 @@ def format_table(summary: dict) -> str:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    from .compare import _write_json as write_atomically  # one atomic JSON writer for both scripts
+    from experiments.compare import _write_json as write_atomically  # one atomic JSON writer for both scripts
 
     write_atomically(path, obj)
 
@@ -292,14 +298,14 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
 
-    from ..models import load_meta, load_model_dir
+    from hybridlab.tasks.models import load_meta, load_model_dir
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     splits = make_splits(args.task, 3000, args.eval_prompts, seed=0)
     metas = train_teachers(args, splits)
     teachers = {n: load_model_dir(Path(args.work) / "teachers" / n)[0] for n in NAMES}
-    cmd = "python -m hybridlab.scripts.teacher_sweep " + " ".join(
+    cmd = "python -m experiments.teacher_sweep " + " ".join(
         shlex.quote(a) for a in (argv or sys.argv[1:])
     )
     smeta = load_meta(args.student)

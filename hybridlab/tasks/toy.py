@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 #: Repository `data/` folder (the package lives at <repo>/hybridlab).
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 TASKS_DIR = DATA_DIR / "tasks"
 
 #: Characters the tasks use (the tokenizer adds <pad>, <bos>, <eos>).

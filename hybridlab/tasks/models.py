@@ -22,7 +22,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from .tasks import CHARS
+from .toy import CHARS
 
 SPECIALS = ("<pad>", "<bos>", "<eos>")
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2

@@ -1,6 +1,6 @@
 """Figures and small helpers for the training notebooks (06: the method comparison and the teacher sweep; 07:
 real runs of `hybridlab.train`). matplotlib only; every function returns a closed `Figure` that passes
-`hybridlab.viz.check_figure` (a title and both axis labels on every panel).
+`hybridlab.lab.figures.check_figure` (a title and both axis labels on every panel).
 
 Colours keep one meaning across every panel of a figure, and across figures: a method (`METHOD_COLORS`), an
 architecture (`ARCH_COLORS`) or a teacher strength (`TEACHER_COLORS`) always has the same colour; line style
@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
-from .viz import check_figure
+from .figures import check_figure
 
 METHOD_COLORS = {"sft": "C4", "opd_sampled": "C3", "dense_only": "C0", "rl_only": "C1", "hybrid": "C2"}
 ARCH_COLORS = {"llama": "C0", "qwen2": "C1", "gpt2": "C2"}

@@ -1,0 +1,1 @@
+"""Experiments: programs that write data/results/ (run from the repository root: python -m experiments.NAME)."""
