@@ -260,3 +260,28 @@ def check_teacher_scoring(tr, ro, teacher, manual) -> None:
     for k in ("loss", "dense", "sparse"):
         torch.testing.assert_close(ours[k], ref[k], atol=1e-5, rtol=1e-5)
     assert abs(float(ours["sparse"] - wrong["sparse"])) + abs(float(ours["dense"] - wrong["dense"])) > 1e-3
+
+
+def test_max_prompt_tokens_does_not_cut_the_teachers_prefix(tok_with_semicolon):
+    """The student's prompt is cut to max_prompt_tokens; the teacher's own, longer prefix (worked examples) is not,
+    unless max_teacher_prompt_tokens asks for it."""
+    from hybridlab.train.rollout import rollout
+
+    tok = tok_with_semicolon
+    eos = tok.eos_token_id
+
+    def gen(input_ids, attention_mask, generation_config, **kw):  # two response tokens, the second EOS
+        resp = torch.tensor([[tok.convert_tokens_to_ids("3"), eos]] * input_ids.shape[0])
+        return torch.cat([input_ids, resp], 1)
+
+    rows = ["12=", "4567="]
+    full = max(len(tok(TEMPLATE.format(prompt=p))["input_ids"]) for p in rows)
+    kw = dict(reward_fn=lambda p, r, a: [0.0] * len(p), eos_ids=[eos], temperature=1.0, max_new_tokens=2,
+              teacher_prompt=TEMPLATE, max_prompt_tokens=3)  # fmt: skip
+    ro = rollout(gen, tok, rows, **kw)
+    assert ro.prompt_len == 3 and full > 6
+    assert ro.teacher_prompt_len == full  # the whole teacher prefix
+    ids, am, p = ro.teacher_view()
+    assert ids[1][am[1].bool()].tolist()[:-2] == tok(TEMPLATE.format(prompt="4567="))["input_ids"]
+    cut = rollout(gen, tok, rows, max_teacher_prompt_tokens=6, **kw)
+    assert cut.teacher_prompt_len == 6  # an explicit limit of its own

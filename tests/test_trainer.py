@@ -276,7 +276,7 @@ def test_scripts_help_and_default_outputs(capsys, tmp_path):
         with pytest.raises(SystemExit):
             mod.parse_args(["--help"])
         text = capsys.readouterr().out
-        assert f"usage: python -m hybridlab.scripts.{prog}" in text and "issue" not in text.lower()
+        assert f"usage: python -m experiments.{prog}" in text and "issue" not in text.lower()
         opts = [ln for ln in text.split("options:")[1].splitlines() if ln.strip().startswith("--")]
         assert opts and all(len(ln.split("  ", 1)) == 2 or "--shipped" in ln for ln in opts), opts
         assert text.count("(default:") >= len(opts) - 3, text

@@ -282,11 +282,14 @@ def test_left_out_rows_leave_the_counts_and_the_teacher_kl_metric(tmp_path):
         q = tr.teacher_model(**model_inputs(ids, att, True)).logits[:, -(n + 1) : -1]
     tr.model.zero_grad(set_to_none=True)
     z = tr.model(**model_inputs(ids, att, True)).logits[:, -(n + 1) : -1]
-    kw = dict(mask=mask, beta=a.teacher_beta, lam=a.lam, future=a.future, baseline="none", temperature=a.temperature)
+    kw = dict(
+        mask=mask, beta=a.teacher_beta, lam=a.lam, future=a.future, baseline="none", temperature=a.temperature
+    )
     hybrid_loss(z, q, acts, torch.ones(int(keep.sum())), normalize="sequences", **kw).loss.backward()
     ref = flat_grad(tr.model)
     assert rel(g, ref) < 1e-6, rel(g, ref)
-    assert abs(rel(g, ref * keep.float().mean()) - 1 / 3) < 1e-3  # dividing by all 8 rows instead of the 6 kept
+    # control: dividing by all 8 rows instead of the 6 kept
+    assert abs(rel(g, ref * keep.float().mean()) - 1 / 3) < 1e-3
     lp = torch.log_softmax(z.detach().double() / a.temperature, -1)
     lq = torch.log_softmax(q.double(), -1)
     kl_rows = ((lp.exp() * (lp - lq)).sum(-1) * mask).sum(1)  # [6]

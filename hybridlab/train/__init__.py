@@ -16,7 +16,8 @@ One step:
       -> `hybrid_loss` on materialised logits, or `fused_hybrid_loss` on hidden states + LM heads (fused_linear)
          (loss="sft" / "opd_sampled": the compared methods' losses)
       -> backward per micro-batch (gradient sync on the last), clip, AdamW, LR schedule
-      -> metrics JSONL / history / progress bar / TensorBoard; atomic checkpoints every `checkpoint_every` steps
+      -> metrics JSONL / history / progress bar / TensorBoard; atomic checkpoints every `checkpoint_every` steps,
+         at the end, and on an error or Ctrl-C (the finished steps, the data order rewound before the failed one)
 
 Normalisation across processes and micro-batches. The loss of the global batch is L = sum_b c_b l_b with c_b
 from the *global* batch (normalize="sequences": c_b = 1 / B_global; "tokens": 1 / tokens_global;
@@ -72,4 +73,21 @@ def main(argv: list[str] | None = None) -> dict:
     return run(cfg, resume=ns.resume)[1]
 
 
-__all__ = ["METHODS", "PRESETS", "TrainConfig", "load_config", "main", "parse_args", *_LAZY]
+def cli(argv: list[str] | None = None) -> int:
+    """`main` with the errors a user can fix (bad config, paths, vocabularies, a full disk) as one line on
+    stderr instead of a traceback; returns the exit status (0, 2 for such an error, 130 for Ctrl-C)."""
+    import sys
+
+    try:
+        main(argv)
+    except (ValueError, OSError) as e:
+        kind = "" if isinstance(e, (ValueError, FileNotFoundError)) else f"{type(e).__name__}: "
+        print(f"hybridlab.train: error: {kind}{e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # the trainer has said where it saved
+        print("hybridlab.train: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+__all__ = ["METHODS", "PRESETS", "TrainConfig", "cli", "load_config", "main", "parse_args", *_LAZY]

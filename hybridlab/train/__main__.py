@@ -3,13 +3,11 @@
 import os
 import sys
 
-from . import main
+from . import cli
 
-try:
-    main()
-except (ValueError, FileNotFoundError) as e:  # bad config, paths, vocabularies: a message, not a traceback
-    print(f"hybridlab.train: error: {e}", file=sys.stderr)
-    sys.exit(2)
+status = cli()  # bad config, paths, vocabularies, a full disk: a message, not a traceback
+if status:
+    sys.exit(status)
 if "torch" in sys.modules:
     import torch
 

@@ -4,7 +4,8 @@ Layout of `<run_dir>/checkpoints/step-000100/`: `model.safetensors` (weights), `
 RNG states, step and user metadata; read back with `torch.load(weights_only=True)`, which refuses arbitrary
 objects). A checkpoint is written to a temporary folder, flushed, then renamed into place, and `latest` is
 replaced atomically last: a crash at any moment leaves the previous checkpoint intact and `latest` valid.
-`clean_stale` removes the temporary folders such a crash leaves behind (a resume calls it).
+`clean_stale` removes the temporary folders such a crash leaves behind (a resume calls it). The final model folder
+is written the same way (temp folder, rename), and a resume loads the newest checkpoint that reads back.
 
 `CheckpointMixin` gives the `Trainer` its run-level side: save / resume (FSDP included), the final model folder,
 the refusal to resume under changed settings, and the run summary.

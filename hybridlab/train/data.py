@@ -15,6 +15,8 @@ Row = dict
 def load_prompts(path: str | os.PathLike) -> list[Row]:
     """Rows {"prompt": str, "answer": str | None} from a JSONL file; ValueError naming the bad line."""
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f'prompts {str(p)!r} is a folder: give a JSONL file, one {{"prompt": ...}} per line')
     if not p.is_file():
         raise FileNotFoundError(f"prompts file {str(p)!r} does not exist")
     rows = []

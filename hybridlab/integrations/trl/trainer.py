@@ -1,296 +1,21 @@
-"""hybridlab inside TRL: GRPO's data, generation and scale with the hybrid imitation + RL update.
-
-    from hybridlab.integrations.trl import HybridGRPOConfig, HybridGRPOTrainer
-
-    args = HybridGRPOConfig(output_dir="runs/hybrid", lam=1.0, teacher_beta=0.5, num_generations=4)
-    HybridGRPOTrainer(model=student, teacher_model=teacher, reward_funcs=my_reward, args=args,
-                      train_dataset=dataset, processing_class=tokenizer).train()
-
-`HybridGRPOTrainer` is TRL's `GRPOTrainer` (supported range: trl>=1.16,<1.17) with the update replaced. Everything
-else is GRPO's: datasets and chat templates, `reward_funcs` and `reward_weights`, `num_generations` groups,
-generation with transformers or vLLM (`use_vllm`, colocate and server modes), logging, checkpoints and accelerate
-(DDP / FSDP / DeepSpeed). The update maximises
-
-    J(theta) = E_x E_{y ~ pi_theta} [ lam R(x, y) ] - teacher_beta KL(pi_theta || pi_teacher)
-
-with R the weighted sum of the reward functions (GRPO's `reward_weights`), through `hybridlab.hybrid_loss` (or
-`fused_hybrid_loss` with `fused_linear=True`): the dense full-vocabulary KL gradient at every visited state plus
-the score-function term with return `lam R - teacher_beta * future KL - b(s_t)`. The student's softmax is taken at
-GRPO's `temperature`, the one the completions were sampled at; the teacher is taken at temperature 1.
-
-What changes against GRPO, and why:
-- `_generate_and_score_completions` also stores the raw reward R (not GRPO's group-normalised advantage), the
-  loss mask, the *global* numbers of sequences and tokens of the accumulation window, and, for the group
-  baselines, the baseline b(s_t): groups are GRPO's `num_generations` completions of one prompt, which may sit on
-  different processes, so the baseline is computed on the gathered batch ("return_group" needs the per-token
-  future KL of every group member: one extra no-grad forward of student and teacher per generation batch).
-- `compute_loss` runs the student and teacher forwards and the hybrid loss inside the DDP/FSDP wrapper's forward
-  (as TRL's own `DistillationTrainer` does) and weights sequence b by c_b * P, with c_b from the global counts
-  (normalize="sequences": 1 / B_global) and P processes, so that after DDP's average the gradient is the
-  gradient of the global batch's loss, whatever the split into processes and accumulation steps.
-- `teacher_prompt` (a template with {prompt} and dataset columns, e.g. worked examples or {answer}): the teacher
-  scores the student's completion after its own prefix (context distillation); the student's prompt by default.
-- The training forwards number positions from each row's first real token, as `generate` and vLLM do on
-  left-padded prompts (GRPO's own forward counts the padding: harmless for rotary models up to rounding, a
-  different distribution for absolute-position ones).
-- On-policy only: one optimiser step per generation batch, no importance-sampling corrections. `num_iterations
-  > 1`, `steps_per_generation != gradient_accumulation_steps` and `vllm_importance_sampling_correction=True` are
-  refused. Sampling filters that change the distribution away from softmax(z / temperature) (top_p, top_k,
-  min_p, repetition_penalty) are refused: the loss would differentiate a policy that did not sample the data.
-- GRPO's `beta` (a KL to a frozen reference, estimated by k3) is not part of this update and must stay 0. A KL to
-  a frozen reference is this objective with the reference as the teacher.
-- GRPO's surrogate settings (`loss_type`, `epsilon`, `delta`, `scale_rewards`, `importance_sampling_level`) have
-  no effect: on-policy with one iteration the clipped ratio is 1 and the update is hybridlab's. Entropy bonuses,
-  entropy masks and off-policy masks change the objective and are refused. A mixture-of-experts router
-  auxiliary loss is not added. The completions table's "advantage" column is still GRPO's normalised reward.
-
-Not run here (CPU only): vLLM generation, GPUs, FSDP and DeepSpeed. With vLLM the sampler's numerics differ
-slightly from the training forward's (bf16 kernels); no correction is applied for that.
-"""
+"""`HybridGRPOTrainer`: TRL's `GRPOTrainer` with hybridlab's update (generation, rewards and groups stay GRPO's;
+the loss is `hybrid_loss` / `fused_hybrid_loss`). See `hybridlab.integrations.trl` for what changes and why."""
 
 from __future__ import annotations
 
 import inspect
 import math
-import string
-from dataclasses import dataclass, field
+import warnings
 from typing import Any
 
 import torch
+from trl import GRPOTrainer
 
-try:
-    import trl
-    from trl import GRPOConfig, GRPOTrainer
-except ImportError as e:  # pragma: no cover - exercised only without trl
-    raise ImportError(
-        'hybridlab.integrations.trl needs TRL: pip install "hybridlab[trl]" (trl>=1.16,<1.17)'
-    ) from e
-
-from packaging.version import Version
-
-from ..dense import dense_kl
-from ..fused_hybrid import fused_hybrid_loss
-from ..hybrid import NORMALIZATIONS, hybrid_loss
-from ..sparse import (
-    FUTURE_ESTIMATORS,
-    combined_returns,
-    future_sum,
-    group_loo_mean,
-    kl_estimate,
-    selected_logprobs,
-)
-
-TRL_SUPPORTED = (">=1.16", "<1.17")
-if not Version("1.16") <= Version(Version(trl.__version__).base_version) < Version("1.17"):
-    raise ImportError(
-        f"hybridlab.integrations.trl supports trl>=1.16,<1.17 (it overrides GRPOTrainer internals that change "
-        f"between releases); found trl {trl.__version__}"
-    )
-
-BASELINES = ("none", "reward_group", "return_group")
-DENSE_BACKENDS = ("auto", "torch", "triton")
-#: generation_kwargs that sample from something other than softmax(logits / temperature)
-_FILTER_KWARGS = {
-    "top_p": 1.0, "top_k": (0, None, -1), "min_p": (None, 0.0), "typical_p": 1.0, "epsilon_cutoff": 0.0,
-    "eta_cutoff": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-    "no_repeat_ngram_size": (0, None), "bad_words_ids": (None,), "suppress_tokens": (None,),
-    "begin_suppress_tokens": (None,), "sequence_bias": (None,), "do_sample": True, "num_beams": 1,
-    "temperature": None,
-}  # fmt: skip
-
-
-@dataclass
-class HybridGRPOConfig(GRPOConfig):
-    """`GRPOConfig` plus the hybrid objective's settings (see `hybridlab.hybrid_loss`).
-
-    The update is on-policy: `num_iterations` must be 1, `steps_per_generation` must equal
-    `gradient_accumulation_steps` (the default) and `vllm_importance_sampling_correction` must be False (the
-    default here). GRPO's `beta` must be 0: the teacher's weight is `teacher_beta`.
-    """
-
-    lam: float = field(
-        default=1.0, metadata={"help": "Weight of the task reward R in J (R = weighted sum of reward_funcs)."}
-    )
-    teacher_beta: float = field(
-        default=1.0,
-        metadata={"help": "Weight of the reverse KL to the teacher in J (GRPO's `beta` stays 0)."},
-    )
-    future: str = field(
-        default="analytic",
-        metadata={
-            "help": "Estimator of the future KL in the return: analytic | k1 | k3 | none (myopic; biased with a reward)."
-        },
-    )
-    gamma: float = field(
-        default=1.0,
-        metadata={"help": "Discount of the future KL; 1 is exact, < 1 optimises another objective."},
-    )
-    baseline: str = field(
-        default="return_group",
-        metadata={
-            "help": "none | reward_group | return_group: leave-one-out over a prompt's num_generations completions."
-        },
-    )
-    normalize: str = field(
-        default="sequences",
-        metadata={
-            "help": "sequences (unbiased) | tokens | per_sequence | a positive number: the loss's divisor."
-        },
-    )
-    teacher_model_init_kwargs: dict | str | None = field(
-        default=None, metadata={"help": "Keyword arguments for from_pretrained when teacher_model is a path."}
-    )
-    teacher_floor: float | None = field(
-        default=None,
-        metadata={"help": "Clamp of the teacher's log-probs (None: an infinite KL is an error)."},
-    )
-    dense_backend: str = field(
-        default="auto", metadata={"help": "auto | torch | triton (the dense KL kernel)."}
-    )
-    fused_linear: bool = field(
-        default=False,
-        metadata={"help": "Loss from hidden states and LM heads, no [B, T, V] logits on either side."},
-    )
-    fused_chunk: int = field(default=1024, metadata={"help": "Rows per chunk of the fused path."})
-    teacher_prompt: str | None = field(
-        default=None,
-        metadata={
-            "help": "The teacher's own prompt: a template with {prompt} (and any dataset column, e.g. {answer}); "
-            "the teacher scores the student's completion after it (context distillation). None: the student's."
-        },
-    )
-    # GRPO defaults changed for an on-policy update
-    disable_dropout: bool = field(
-        default=True, metadata={"help": "Dropout makes the trained policy differ from the sampling policy."}
-    )
-    vllm_importance_sampling_correction: bool = field(
-        default=False, metadata={"help": "Must stay False: the hybrid update applies no importance weights."}
-    )
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.normalize = _parse_normalize(self.normalize)
-        _check_hybrid_args(self)
-
-
-def _parse_normalize(value):
-    if isinstance(value, bool):
-        raise ValueError(f"normalize must be one of {NORMALIZATIONS} or a positive number, got {value!r}")
-    if isinstance(value, (int, float)):
-        x = float(value)
-    elif isinstance(value, str) and value in NORMALIZATIONS:
-        return value
-    else:
-        try:
-            x = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"normalize must be one of {NORMALIZATIONS} or a positive number, got {value!r}"
-            ) from None
-    if not (math.isfinite(x) and x > 0):
-        raise ValueError(f"normalize as a number must be positive and finite, got {value!r}")
-    return x
-
-
-def _check_hybrid_args(a: HybridGRPOConfig) -> None:
-    """Raise ValueError naming the setting for anything the hybrid update cannot honour."""
-    for name in ("lam", "teacher_beta"):
-        v = getattr(a, name)
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-    if a.beta != 0.0:
-        if a.teacher_beta != 0.0:
-            raise ValueError(
-                f"beta={a.beta} and teacher_beta={a.teacher_beta} are both nonzero: GRPO's beta (a k3 KL to a frozen "
-                "reference) is not part of the hybrid update, whose KL weight is teacher_beta. Set beta=0."
-            )
-        raise ValueError(
-            f"beta={a.beta}: GRPO's reference KL is not part of the hybrid update. For a KL to a frozen reference, "
-            "pass the reference model as teacher_model and set teacher_beta (and beta=0)."
-        )
-    if a.future not in FUTURE_ESTIMATORS:
-        raise ValueError(f"future must be one of {FUTURE_ESTIMATORS}, got {a.future!r}")
-    if not (isinstance(a.gamma, (int, float)) and 0.0 <= a.gamma <= 1.0):
-        raise ValueError(f"gamma must lie in [0, 1], got {a.gamma!r}")
-    if a.baseline not in BASELINES:
-        raise ValueError(f"baseline must be one of {BASELINES}, got {a.baseline!r}")
-    if a.dense_backend not in DENSE_BACKENDS:
-        raise ValueError(f"dense_backend must be one of {DENSE_BACKENDS}, got {a.dense_backend!r}")
-    if a.teacher_floor is not None and not (math.isfinite(a.teacher_floor) and a.teacher_floor < 0):
-        raise ValueError(
-            f"teacher_floor must be a finite negative log-probability or None, got {a.teacher_floor!r}"
-        )
-    if a.teacher_prompt is not None:
-        fields = {f for _, f, _, _ in string.Formatter().parse(a.teacher_prompt) if f is not None}
-        if "prompt" not in fields:
-            raise ValueError(
-                f"teacher_prompt must be a template containing {{prompt}} (and optionally dataset columns such as "
-                f"{{answer}}), got {a.teacher_prompt!r}"
-            )
-    if not (isinstance(a.fused_chunk, int) and a.fused_chunk > 0):
-        raise ValueError(f"fused_chunk must be a positive integer, got {a.fused_chunk!r}")
-    if not (a.temperature > 0 and math.isfinite(a.temperature)):
-        raise ValueError(f"temperature must be positive and finite, got {a.temperature!r}")
-    # on-policy: each generation batch is used for exactly one optimiser step, by the policy that sampled it
-    if a.num_iterations != 1:
-        raise ValueError(
-            f"num_iterations={a.num_iterations}: the hybrid update is on-policy (its gradient is exact only for "
-            "completions sampled from the current policy) and applies no importance correction; set num_iterations=1"
-        )
-    if a.steps_per_generation != a.gradient_accumulation_steps:
-        raise ValueError(
-            f"steps_per_generation={a.steps_per_generation} differs from gradient_accumulation_steps="
-            f"{a.gradient_accumulation_steps} (generation_batch_size={a.generation_batch_size}): part of each "
-            "generation batch would be trained on after an optimiser step, off-policy. Leave steps_per_generation "
-            "and generation_batch_size unset"
-        )
-    if a.vllm_importance_sampling_correction:
-        raise ValueError(
-            "vllm_importance_sampling_correction=True: the hybrid update applies no importance-sampling weights; "
-            "set it to False"
-        )
-    if a.off_policy_mask_threshold is not None:
-        raise ValueError(
-            f"off_policy_mask_threshold={a.off_policy_mask_threshold}: dropping sequences biases the hybrid "
-            "gradient (and the update is on-policy); set it to None"
-        )
-    if a.top_entropy_quantile != 1.0:
-        raise ValueError(
-            f"top_entropy_quantile={a.top_entropy_quantile}: training only high-entropy tokens biases the hybrid "
-            "gradient; set it to 1.0"
-        )
-    if a.entropy_coef != 0.0 or a.use_adaptive_entropy:
-        raise ValueError(
-            f"entropy_coef={a.entropy_coef}, use_adaptive_entropy={a.use_adaptive_entropy}: an entropy bonus "
-            "changes the objective J; set entropy_coef=0 and use_adaptive_entropy=False"
-        )
-    if a.multi_objective_aggregation != "sum_then_normalize":
-        raise ValueError(
-            f"multi_objective_aggregation={a.multi_objective_aggregation!r}: the hybrid reward R is the weighted "
-            "sum of the reward functions' raw values; use 'sum_then_normalize' (its normalisation is not used)"
-        )
-    sampling = {
-        "top_p": a.top_p,
-        "top_k": a.top_k,
-        "min_p": a.min_p,
-        "repetition_penalty": a.repetition_penalty,
-    }
-    extra = a.generation_kwargs if isinstance(a.generation_kwargs, dict) else {}
-    sampling.update({k: v for k, v in extra.items() if k in _FILTER_KWARGS})
-    for k, v in sampling.items():
-        ok = _FILTER_KWARGS[k]
-        if k == "temperature":
-            if v != a.temperature:
-                raise ValueError(
-                    f"generation_kwargs temperature={v!r} differs from temperature={a.temperature!r}, the loss's; "
-                    "set temperature only"
-                )
-        elif not (v in ok if isinstance(ok, tuple) else v == ok):
-            raise ValueError(
-                f"{k}={v!r}: completions must be sampled from softmax(logits / temperature), the distribution the "
-                f"hybrid loss differentiates; a sampling filter makes them off-policy. Use the default "
-                f"({ok[0] if isinstance(ok, tuple) else ok!r})"
-            )
+from ...dense import dense_kl
+from ...fused_hybrid import fused_hybrid_loss
+from ...hybrid import hybrid_loss
+from ...sparse import combined_returns, future_sum, group_loo_mean, kl_estimate, selected_logprobs
+from .config import HybridGRPOConfig, _check_hybrid_args
 
 
 def _accepts(model, name: str) -> bool:
@@ -444,11 +169,39 @@ class HybridGRPOTrainer(GRPOTrainer):
     def _send_telemetry(self):
         """No network at run time: TRL's usage ping is not sent."""
 
+    def _generate_single_turn(self, *args, **kwargs):
+        """GRPO's generation with the student folder's own generation defaults swapped out for the call.
+
+        transformers fills every field GRPO's generation config leaves at its default from
+        `model.generation_config` (the folder's `generation_config.json`): `no_repeat_ngram_size`, `min_new_tokens`,
+        `suppress_tokens`, `bad_words_ids`, `begin_suppress_tokens`, penalties... would reshape the sampling
+        distribution away from softmax(z / temperature), the one the loss differentiates. For the call the model
+        carries a bare config (pad, BOS, EOS only), as hybridlab.train's `rollout.generate` does."""
+        if self.use_vllm:  # vLLM takes GRPO's explicit sampling parameters, not this config
+            return super()._generate_single_turn(*args, **kwargs)
+        from transformers import GenerationConfig
+
+        model = self.accelerator.unwrap_model(self.model)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        held = [m for m in {id(model): model, id(base): base}.values() if hasattr(m, "generation_config")]
+        saved = [m.generation_config for m in held]
+        g = self.generation_config
+        bare = GenerationConfig(
+            pad_token_id=g.pad_token_id, bos_token_id=g.bos_token_id, eos_token_id=g.eos_token_id
+        )
+        try:
+            for m in held:
+                m.generation_config = bare
+            return super()._generate_single_turn(*args, **kwargs)
+        finally:
+            for m, c in zip(held, saved):
+                m.generation_config = c
+
     # -- checks ---------------------------------------------------------------------------------------------
     def _check_vocab(self, student, teacher, teacher_path: str) -> int:
         """The student's vocabulary size V. The teacher must cover it (a larger, padded teacher head is sliced to
         the first V ids, with a warning); the tokenizer must fit in it."""
-        from ..train.loading import check_vocab_sizes
+        from ...train.loading import check_vocab_sizes
 
         student_path = getattr(student.config, "_name_or_path", "") or type(student).__name__
         vs, vt = _config_vocab(student), _config_vocab(teacher)
@@ -481,8 +234,11 @@ class HybridGRPOTrainer(GRPOTrainer):
         if "tool_mask" in out:
             mask = mask & out["tool_mask"].bool()
         mask = mask & ~unscorable[local].to(device)[:, None]
+        # sequences the update keeps (not unscorable, not left out by mask_truncated_completions) and their
+        # tokens, over all processes: the divisors of normalize="sequences" / "tokens", as in hybridlab.train
+        kept = float(mask.any(1).sum())
         counts = self.accelerator.reduce(
-            torch.tensor([float(b), float(mask.sum())], dtype=torch.float64, device=device), reduction="sum"
+            torch.tensor([kept, float(mask.sum())], dtype=torch.float64, device=device), reduction="sum"
         )
         out["hybrid_rewards"] = r_local
         out["hybrid_mask"] = mask
@@ -495,6 +251,13 @@ class HybridGRPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         if unscorable.any():
             self._metrics[mode]["hybrid/unscorable_frac"].append(unscorable.float().mean().item())
+        if bool(unscorable.all()):
+            warnings.warn(
+                f"every reward of this {mode} batch ({unscorable.numel()} completions) is None / NaN: the batch "
+                "trains nothing, the teacher term included (check the reward functions)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         g = self.num_generations if mode == "train" else self.num_generations_eval
         base = self._group_baseline(out, mask, r_all, r_local, g)
         if base is not None:
@@ -640,11 +403,11 @@ class HybridGRPOTrainer(GRPOTrainer):
         b = mask.shape[0]
         ones = torch.ones(b, dtype=torch.float32, device=mask.device)
         if norm == "sequences":
-            c = ones / n_seq
+            c = ones / max(n_seq, 1.0)
         elif norm == "tokens":
             c = ones / max(n_tok, 1.0)
         elif norm == "per_sequence":
-            c = ones / (n_seq * mask.sum(1).clamp_min(1).float())
+            c = ones / (max(n_seq, 1.0) * mask.sum(1).clamp_min(1).float())
         else:
             c = ones / float(norm)
         return c * self.accelerator.num_processes
@@ -687,7 +450,7 @@ class HybridGRPOTrainer(GRPOTrainer):
         m = mask.float()
         stats = torch.stack([
             out.dense.detach().double(), out.sparse.detach().double(), (out.kl * m).sum().double(),
-            torch.tensor(float(mask.shape[0]), dtype=torch.float64, device=mask.device), m.sum().double(),
+            mask.any(1).sum().double(), m.sum().double(),  # kept sequences: the teacher_kl metric's divisor
             (out.returns * m).sum().double(),
         ])  # fmt: skip
         return out.loss, stats
@@ -706,24 +469,3 @@ class HybridGRPOTrainer(GRPOTrainer):
         head = teacher.get_output_embeddings()
         w = head.weight[: self.vocab_size].to(h.dtype)
         return (h, w) if head.bias is None else (h, w, head.bias[: self.vocab_size].to(h.dtype))
-
-
-def _demo(argv: list[str] | None = None) -> dict[str, Any]:
-    """A few steps on tiny random models built here (no download); see examples/trl_tiny.py."""
-    import argparse
-    import runpy
-    from pathlib import Path
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--demo", action="store_true", help="run examples/trl_tiny.py's tiny CPU example")
-    p.parse_args(argv)
-    script = Path(__file__).resolve().parents[2] / "examples" / "trl_tiny.py"
-    if not script.exists():
-        raise FileNotFoundError(f"{script} not found (the demo lives in the repository's examples/ folder)")
-    return runpy.run_path(str(script), run_name="__main__")
-
-
-__all__ = ["HybridGRPOConfig", "HybridGRPOTrainer", "TRL_SUPPORTED"]
-
-if __name__ == "__main__":
-    _demo()
