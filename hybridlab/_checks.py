@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -68,6 +70,29 @@ def check_temperature(temperature: float) -> float:
     return t
 
 
+def check_teacher_floor(teacher_floor: float | None) -> float | None:
+    """None, or a finite log-probability < 0 at which log q is clamped (log q <= 0 always: a floor >= 0 would
+    lift every teacher log-prob to it and make the "KL" negative)."""
+    if teacher_floor is None:
+        return None
+    if isinstance(teacher_floor, bool):
+        raise TypeError(
+            f"teacher_floor must be a number (a log-probability, e.g. -30.0) or None, got {teacher_floor!r}"
+        )
+    try:
+        f = float(teacher_floor)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"teacher_floor must be a number (a log-probability, e.g. -30.0) or None, got {teacher_floor!r}"
+        ) from None
+    if not (math.isfinite(f) and f < 0.0):
+        raise ValueError(
+            f"teacher_floor is a log-probability at which log q is clamped: it must be finite and < 0 "
+            f"(e.g. -30.0), got {teacher_floor!r}"
+        )
+    return f
+
+
 def describe_nonfinite(name: str, x: torch.Tensor, rows: torch.Tensor | None = None) -> str | None:
     """Say what is wrong with `x` ([N, V]) on the given rows: NaN, +inf, or a row with no finite entry."""
     sub = x if rows is None else x[rows]
@@ -109,6 +134,12 @@ def check_actions(
     check_tensor("actions", actions)
     if actions.dtype.is_floating_point or actions.dtype == torch.bool or actions.is_complex():
         raise ValueError(f"actions must be an integer tensor, got {actions.dtype} {shape_of(actions)}")
+    if actions.dtype not in (torch.int64, torch.int32):
+        # gather/scatter index with int32 or int64 only; 8/16-bit types cannot hold a real vocabulary's ids anyway
+        raise ValueError(
+            f"actions must be int64 (or int32) token ids, got {actions.dtype} {shape_of(actions)}: "
+            "cast them with actions.long()"
+        )
     if tuple(actions.shape) != tuple(batch_shape):
         raise ValueError(
             f"actions {shape_of(actions)} must have shape [{', '.join(map(str, batch_shape))}] to match {ref}"

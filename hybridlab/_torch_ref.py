@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._logits import CHUNK_ELEMENTS, compute_dtype
+from ._logits import CHUNK_ELEMENTS, centered, compute_dtype
 
 
 def _rows(n: int, active: torch.Tensor | None, v: int):
@@ -36,7 +36,7 @@ def dense_kl_torch(
     kl = torch.zeros(n, dtype=cdt, device=student.device)
     grad = _grad_buffer(student, active, need_grad)
     for sel in _rows(n, active, v):
-        logp = torch.log_softmax(student[sel].to(cdt) / temperature, dim=-1)
+        logp = torch.log_softmax(centered(student[sel].to(cdt), temperature), dim=-1)
         logq = torch.log_softmax(teacher[sel].to(cdt), dim=-1)
         if teacher_floor is not None:
             logq = logq.clamp_min(teacher_floor)
@@ -56,7 +56,7 @@ def topk_kl_torch(student, lq, ids, log_qt, active, temperature: float, need_gra
     kl = torch.zeros(n, dtype=cdt, device=student.device)
     grad = _grad_buffer(student, active, need_grad)
     for sel in _rows(n, active, v):
-        logp = torch.log_softmax(student[sel].to(cdt) / temperature, dim=-1)
+        logp = torch.log_softmax(centered(student[sel].to(cdt), temperature), dim=-1)
         idc = ids[sel]
         logp_k = logp.gather(1, idc)
         # The tail log-mass summed over the tail itself (top-k entries set to -inf), not as 1 - P_top.

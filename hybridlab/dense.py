@@ -30,6 +30,7 @@ from ._checks import (
     check_actions,
     check_logits_pair,
     check_mask,
+    check_teacher_floor,
     check_temperature,
     describe_nonfinite,
     describe_temperature_overflow,
@@ -120,15 +121,15 @@ class DenseKLFunction(torch.autograd.Function):
         ctx.inplace = inplace
         ctx.consumed = False
         ctx.temperature = temperature
-        logp = lse = None
+        logp = lse = shift = None
         if actions is not None:
-            lse = row_logsumexp(student, temperature, active)
+            shift, lse = row_logsumexp(student, temperature, active)
             if not torch.isfinite(lse).all():
                 raise ValueError(_diagnose(student, teacher, active, lse, temperature))
-            logp = selected_logprob(student, actions, lse, temperature, active)
+            logp = selected_logprob(student, actions, shift, lse, temperature, active)
         if need_grad:  # the logits themselves are kept only when the score gradient will need them
             keep = actions is not None
-            ctx.save_for_backward(grad, student if keep else None, actions, lse, active)
+            ctx.save_for_backward(grad, student if keep else None, actions, shift, lse, active)
         return kl, logp
 
     @staticmethod
@@ -140,7 +141,7 @@ class DenseKLFunction(torch.autograd.Function):
                 "dense_kl's saved gradient was already used by a backward pass (it is scaled in place to save "
                 "an [N, V] buffer); call dense_kl(..., inplace_backward=False) to backpropagate more than once"
             )
-        grad, student, actions, lse, active = ctx.saved_tensors
+        grad, student, actions, shift, lse, active = ctx.saved_tensors
         out = grad if ctx.inplace else grad.clone()
         ctx.consumed = ctx.inplace
         # The saved gradient is d KL / dz; the upstream gradient g [N] scales its rows. With log-probs
@@ -153,7 +154,7 @@ class DenseKLFunction(torch.autograd.Function):
         else:
             g = grad_kl.to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
         if grad_logp is not None:
-            add_score_grad(out, student, actions, lse, grad_logp, ctx.temperature, active, out_scale=g)
+            add_score_grad(out, student, actions, shift, lse, grad_logp, ctx.temperature, active, out_scale=g)
         elif g is not None:
             ones = g == 1
             if active is not None:
@@ -200,7 +201,8 @@ def dense_kl(
         mask: [...] bool; False positions get KL 0 and gradient 0 and are not computed. An all-False mask
             (a micro-batch without response tokens) is legal: KL 0 everywhere, zero gradient.
         backend: "auto" (Triton on CUDA, torch otherwise), "torch" or "triton".
-        teacher_floor: None (an infinite KL is an error) or a log-probability at which log q is clamped.
+        teacher_floor: None (an infinite KL is an error) or a finite log-probability < 0 at which log q is
+            clamped. NaN, +inf or all -inf teacher rows are an error with or without it.
         inplace_backward: scale the saved [N, V] gradient in place (saves memory; one backward only).
 
     Returns:
@@ -236,22 +238,30 @@ def dense_kl_and_logprobs(
 def _apply(
     student_logits, teacher_logits, actions, temperature, mask, backend, teacher_floor, inplace_backward
 ):
-    """Validate, flatten to [N, V] rows, run `DenseKLFunction`, restore the batch shape: (kl, logp | None)."""
+    """Validate, then `apply_checked`: (kl, logp | None)."""
     check_logits_pair(student_logits, teacher_logits, "student_logits", "teacher_logits")
     tau = check_temperature(temperature)
     batch_shape = student_logits.shape[:-1]
     dev = student_logits.device
     check_mask(mask, batch_shape, "student_logits", dev)
-    v = student_logits.shape[-1]
-    a = None
     if actions is not None:
-        check_actions(actions, batch_shape, v, dev, mask, "student_logits")
-        a = actions.reshape(-1).clamp(0, v - 1)
+        check_actions(actions, batch_shape, student_logits.shape[-1], dev, mask, "student_logits")
+    floor = check_teacher_floor(teacher_floor)
     name = resolve_backend(backend, dev)
+    return apply_checked(student_logits, teacher_logits, actions, tau, mask, name, floor, inplace_backward)
+
+
+def apply_checked(student_logits, teacher_logits, actions, tau, mask, name, floor, inplace_backward):
+    """Flatten to [N, V] rows, run `DenseKLFunction`, restore the batch shape: (kl, logp | None).
+
+    Trusts its caller (`_apply`, `hybrid_loss`): the inputs are validated, `tau` and `floor` checked floats,
+    `name` a resolved backend."""
+    batch_shape = student_logits.shape[:-1]
+    v = student_logits.shape[-1]
+    a = None if actions is None else actions.reshape(-1).clamp(0, v - 1)
     z = student_logits.reshape(-1, v)
     t = teacher_logits.detach().reshape(-1, v)
     active = None if mask is None else mask.reshape(-1)
-    floor = None if teacher_floor is None else float(teacher_floor)
     kl, logp = DenseKLFunction.apply(
         z, t, active, a, tau, floor, name, inplace_backward, torch.is_grad_enabled()
     )

@@ -24,7 +24,16 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._checks import check_actions, check_float, check_mask, check_temperature, first_order_only, shape_of
+from ._checks import (
+    check_actions,
+    check_float,
+    check_mask,
+    check_teacher_floor,
+    check_temperature,
+    first_order_only,
+    shape_of,
+)
+from ._logits import row_shift
 from .fused_linear import DEFAULT_CHUNK, _accumulate_mm, check_dense_kl_args, dense_kl_checked
 from .hybrid import HybridLossOutput, _normalizer, assemble, check_batch, check_weights
 from .topk import TopKTeacher
@@ -51,11 +60,14 @@ class _FusedLinearLogprob(torch.autograd.Function):
         cdt = _cdt(hidden)
         logp = torch.zeros(n, dtype=cdt, device=hidden.device)
         lse = torch.zeros(n, dtype=cdt, device=hidden.device)
+        shift = torch.zeros(n, dtype=cdt, device=hidden.device)
         for rows in _chunks(n, active, chunk):
             logits = hidden[rows] @ weight.t()
             if bias is not None:
                 logits += bias
-            z = logits.to(cdt).div_(tau)
+            zc = logits.to(cdt)
+            m = row_shift(zc)  # centred before dividing by tau: no rounding at the scale of 1e4 / tau
+            z = zc.sub_(m).div_(tau)
             lse_c = torch.logsumexp(z, dim=-1)
             if not torch.isfinite(lse_c).all():
                 raise ValueError(
@@ -63,8 +75,9 @@ class _FusedLinearLogprob(torch.autograd.Function):
                     "on some rows (NaN or inf in the hidden states or the LM head)"
                 )
             lse[rows] = lse_c
+            shift[rows] = m[:, 0]
             logp[rows] = z.gather(1, actions[rows][:, None])[:, 0] - lse_c
-        ctx.save_for_backward(hidden, weight, bias, actions, active, lse)
+        ctx.save_for_backward(hidden, weight, bias, actions, active, shift, lse)
         ctx.tau, ctx.chunk = tau, chunk
         return logp
 
@@ -72,7 +85,7 @@ class _FusedLinearLogprob(torch.autograd.Function):
     @first_order_only("the fused-linear hybrid loss")
     @once_differentiable
     def backward(ctx, g):
-        hidden, weight, bias, actions, active, lse = ctx.saved_tensors
+        hidden, weight, bias, actions, active, shift, lse = ctx.saved_tensors
         tau, chunk = ctx.tau, ctx.chunk
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
@@ -89,7 +102,8 @@ class _FusedLinearLogprob(torch.autograd.Function):
                 logits += bias
             g_c = g[rows] / tau
             # d log p(a) / dz = (onehot(a) - p) / tau, scaled by the upstream gradient; one fp32 [C, V] buffer.
-            grad = logits.to(cdt).div_(tau).sub_(lse[rows][:, None]).exp_().mul_(-g_c[:, None])
+            z = logits.to(cdt).sub_(shift[rows][:, None]).div_(tau)
+            grad = z.sub_(lse[rows][:, None]).exp_().mul_(-g_c[:, None])
             grad.scatter_add_(1, actions[rows][:, None], g_c[:, None])
             grad = grad.to(hidden.dtype)
             if need_h:
@@ -145,7 +159,8 @@ def _logprobs_checked(hidden, weight, actions, tau: float, mask, bias, chunk_siz
     n = batch.numel()
     a = actions.reshape(n).clamp(0, v - 1)
     active = None if mask is None else mask.reshape(n)
-    out = _FusedLinearLogprob.apply(hidden.reshape(n, -1), weight, bias, a, active, tau, int(chunk_size))
+    h = hidden.reshape(n, hidden.shape[-1])  # explicit sizes: N may be 0
+    out = _FusedLinearLogprob.apply(h, weight, bias, a, active, tau, int(chunk_size))
     return out.reshape(batch)
 
 
@@ -166,7 +181,7 @@ def teacher_selected_logprobs(
         th, tw = teacher[:2]
         tb = teacher[2] if len(teacher) == 3 else None
         batch, v = th.shape[:-1], tw.shape[0]
-        flat = th.reshape(batch.numel(), -1)
+        flat = th.reshape(batch.numel(), th.shape[-1])
         cdt = _cdt(th)
 
         def logits_of(rows):
@@ -211,25 +226,27 @@ def fused_hybrid_loss(
     backend: str = "auto",
     teacher_floor: float | None = None,
     chunk_size: int = DEFAULT_CHUNK,
+    logprob_precision: str | torch.dtype | float = "auto",
 ) -> HybridLossOutput:
     """`hybrid_loss` with the student given as hidden states [B, T, H] and LM head weight [V, H] (+ bias [V]).
 
     `teacher` is teacher logits [B, T, V] or (teacher_hidden [B, T, H'], teacher_weight [V, H'][, bias [V]])
-    (then neither side's [B, T, V] logits exist). All other arguments and the returned `HybridLossOutput` are
+    (then neither side's [B, T, V] logits exist), or a `TopKTeacher` (future="analytic" or "none";
+    `logprob_precision` is its log-probs' resolution, as in `dense_kl_topk`). All other arguments and the returned `HybridLossOutput` are
     those of `hybrid_loss` (an all-False mask gives loss 0 and zero gradients; `logratio` is filled only when
     `future` is "k1" or "k3", else zeros: it needs an extra pass over the teacher's vocabulary; `grad_norms` is
     None).
     """
     # validated once here: hidden, weight, bias, teacher, mask, temperature (the fused KL's checks), then the batch
     tau, name, teacher_rows = check_dense_kl_args(hidden, weight, teacher, temperature, mask, chunk_size, bias, None,
-                                                  backend)  # fmt: skip
+                                                  backend, logprob_precision)  # fmt: skip
+    teacher_floor = check_teacher_floor(teacher_floor)
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [B, T, H], got {shape_of(hidden)}")
     b, t, _ = hidden.shape
     v = weight.shape[0]
-    mask = check_batch(
-        b, t, v, hidden.device, actions, rewards, mask, seq_weights, baseline, future, gamma, "hidden"
-    )
+    mask = check_batch(b, t, v, hidden.device, actions, rewards, mask, seq_weights, baseline, future, gamma,
+                       "hidden", mask_checked=True)  # fmt: skip
     check_weights(beta, lam)
     dtype = _cdt(hidden)
     c = _normalizer(normalize, mask, seq_weights, dtype)  # [B]

@@ -41,6 +41,7 @@ from torch.autograd.function import once_differentiable
 from ._checks import (
     check_float,
     check_mask,
+    check_teacher_floor,
     check_temperature,
     check_tensor,
     describe_nonfinite,
@@ -76,9 +77,10 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 class _Teacher:
     """The teacher's tensors as [N, ...] rows, and how to produce a chunk of them."""
 
-    def __init__(self, teacher, n: int, v: int, student_name: str, student_device):
+    def __init__(self, teacher, n: int, v: int, student_name: str, student_device, logprob_precision="auto"):
         self.kind = "logits"
         self.log_qt = None
+        self.precision = logprob_precision  # of a top-k teacher's log-probs (see `hybridlab.topk`)
         if isinstance(teacher, TopKTeacher):
             self.kind = "topk"
             self.tensors = (teacher.logprobs.detach(), teacher.ids)
@@ -133,17 +135,21 @@ class _Teacher:
             )
             self.tensors = (lq, ids)
 
-    def flatten(self, n: int) -> None:
+    def flatten(self, n: int, active: torch.Tensor | None = None) -> None:
+        """[..., X] -> [N, X] (explicit sizes: N may be 0); a top-k teacher's tail mass is bounded with the
+        resolution guessed on the counted rows (`active`) only: placeholders on padding cannot void it."""
         if self.kind == "logits":
-            self.tensors = (self.tensors[0].reshape(n, -1),)
+            t = self.tensors[0]
+            self.tensors = (t.reshape(n, t.shape[-1]),)
         elif self.kind == "hidden":
-            th = self.tensors[0].reshape(n, -1)
-            self.tensors = (th, *self.tensors[1:])
+            th = self.tensors[0]
+            self.tensors = (th.reshape(n, th.shape[-1]), *self.tensors[1:])
         else:
             lq, ids = self.tensors
-            lq, ids = lq.reshape(n, -1), ids.reshape(n, -1)
+            k = lq.shape[-1]
+            lq, ids = lq.reshape(n, k), ids.reshape(n, k)
             self.tensors = (lq, ids)
-            self.log_qt = teacher_log_tail(lq)
+            self.log_qt = teacher_log_tail(lq, self.precision, None, active)
 
     def chunk(self, rows):
         """Teacher data for the given rows (a slice or an index tensor)."""
@@ -335,6 +341,7 @@ def fused_linear_dense_kl(
     teacher_floor: float | None = None,
     backend: str = "auto",
     precompute_grads: bool = True,
+    logprob_precision: str | torch.dtype | float = "auto",
 ) -> torch.Tensor:
     """Per-position KL(softmax((hidden @ weight.T + bias) / tau) || teacher) without materialising the logits.
 
@@ -349,21 +356,35 @@ def fused_linear_dense_kl(
         bias: optional [V] LM-head bias.
         row_weights: [...] float, the per-row weights the caller will put on the KL in its loss (e.g. 1 / n_seqs);
             used to compute the gradients in forward. Any other upstream gradient is still handled exactly.
-        teacher_floor: clamp of log q for logits teachers (see `dense_kl`).
+        teacher_floor: clamp of log q for logits teachers (see `dense_kl`): a finite log-probability < 0.
         backend: "auto" (Triton on CUDA), "torch" or "triton".
         precompute_grads: compute gradients in forward (saves a matmul); False always recomputes in backward.
+        logprob_precision: for a `TopKTeacher`, the resolution of its log-probs (see `dense_kl_topk`):
+            "auto" (guessed per counted row), a dtype, or an absolute resolution.
 
     Returns:
         [...] KL in fp32 (fp64 for fp64 inputs).
     """
     tau, name, t = check_dense_kl_args(
-        hidden, weight, teacher, temperature, mask, chunk_size, bias, row_weights, backend
+        hidden, weight, teacher, temperature, mask, chunk_size, bias, row_weights, backend, logprob_precision
     )
+    teacher_floor = check_teacher_floor(teacher_floor)
     return dense_kl_checked(hidden, weight, t, tau, name, mask, chunk_size, bias, row_weights, teacher_floor,
                             precompute_grads)  # fmt: skip
 
 
-def check_dense_kl_args(hidden, weight, teacher, temperature, mask, chunk_size, bias, row_weights, backend):
+def check_dense_kl_args(
+    hidden,
+    weight,
+    teacher,
+    temperature,
+    mask,
+    chunk_size,
+    bias,
+    row_weights,
+    backend,
+    logprob_precision="auto",
+):
     """Validate `fused_linear_dense_kl`'s arguments once (errors name the argument and the shapes); returns
     (tau, backend name, the teacher wrapped and checked) for `dense_kl_checked`, which trusts them."""
     check_float("hidden", hidden)
@@ -399,7 +420,7 @@ def check_dense_kl_args(hidden, weight, teacher, temperature, mask, chunk_size, 
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
     tau = check_temperature(temperature)
     name = resolve_backend(backend, hidden.device)
-    t = _Teacher(teacher, batch_shape.numel(), v, "hidden", hidden.device)
+    t = _Teacher(teacher, batch_shape.numel(), v, "hidden", hidden.device, logprob_precision)
     t.validate(batch_shape, v, mask)
     return tau, name, t
 
@@ -409,9 +430,9 @@ def dense_kl_checked(hidden, weight, t: _Teacher, tau, name, mask, chunk_size, b
     """`fused_linear_dense_kl` on arguments `check_dense_kl_args` has already validated (no checks here)."""
     batch_shape = hidden.shape[:-1]
     n = batch_shape.numel()
-    t.flatten(n)
-    h = hidden.reshape(n, hidden.shape[-1])
     active = None if mask is None else mask.reshape(n)
+    t.flatten(n, active)
+    h = hidden.reshape(n, hidden.shape[-1])
     w = (
         None
         if row_weights is None

@@ -24,16 +24,17 @@ from ._checks import (
     check_finite_vector,
     check_logits_pair,
     check_mask,
+    check_teacher_floor,
     check_temperature,
     shape_of,
 )
-from .dense import dense_kl_and_logprobs
+from .dense import apply_checked, resolve_backend
 from .sparse import (
     FUTURE_ESTIMATORS,
     combined_returns,
     future_sum,
     kl_estimate,
-    selected_logprobs,
+    selected_logprobs_checked,
     state_baseline,
 )
 
@@ -67,8 +68,8 @@ def _normalizer(
     n_seq = b if n_seq is None else n_seq
     n_tok = lengths.sum().clamp_min(1.0) if n_tok is None else max(float(n_tok), 1.0)
     if isinstance(normalize, (int, float)) and not isinstance(normalize, bool):
-        if not normalize > 0:
-            raise ValueError(f"normalize as a constant must be > 0, got {normalize!r}")
+        if not (normalize > 0 and math.isfinite(normalize)):  # inf would give a silent zero loss
+            raise ValueError(f"normalize as a constant must be a finite number > 0, got {normalize!r}")
         return w / float(normalize)
     if normalize == "sequences":  # unbiased: sum over tokens / number of sequences
         return w / n_seq
@@ -86,7 +87,7 @@ def hybrid_loss(
     rewards: torch.Tensor,
     *,
     mask: torch.Tensor | None = None,
-    beta: float = 1.0,
+    beta: float | torch.Tensor = 1.0,
     lam: float = 1.0,
     future: str = "analytic",
     gamma: float = 1.0,
@@ -98,6 +99,7 @@ def hybrid_loss(
     backend: str = "auto",
     teacher_floor: float | None = None,
     parameters: list[torch.nn.Parameter] | None = None,
+    future_norm: str = "sum",
 ) -> HybridLossOutput:
     """The hybrid imitation + RL surrogate loss over a batch of sampled responses.
 
@@ -107,16 +109,26 @@ def hybrid_loss(
         actions: [B, T] integer token ids; rewards: [B] task rewards R(x, y).
         mask: [B, T] bool response tokens (padding False); default all True. All False (a micro-batch without
             response tokens) is legal: loss 0 and zero gradient, not an error.
-        beta, lam: weights of the KL and the reward in J (only lam / beta matters up to the step size).
+        beta, lam: weights of the KL and the reward in J (only lam / beta matters up to the step size). `beta`
+            may also be a [B] tensor of per-sequence weights beta_b >= 0: the gradient of
+            E_x[lam E_y R - beta_x KL_x] when beta_b depends only on the prompt (teacher trust); a beta_b that
+            depends on the response itself (a reward gate) is a heuristic with a bias, not that gradient.
         future: estimator of the future KL in the return: "analytic" | "k1" | "k3" | "none" (myopic control).
+            The [B, T] returns are formed in fp64 (k3's r = pi_T / pi overflows fp32 beyond e^88); advantages
+            that still do not fit the logits' dtype are an error naming the token, never an inf loss.
         gamma: discount of the future-KL sum; 1 is the exact objective, < 1 optimises a different one.
         baseline: "none" | "reward_group" | "return_group" (leave-one-out over `group_size` contiguous
             samples per prompt) | a [B, T] tensor b(s_t).
         temperature: the rollout's sampling temperature; the same softmax in both terms.
-        normalize: "sequences" (unbiased default) | "tokens" | "per_sequence" | a positive constant.
+        normalize: "sequences" (unbiased default) | "tokens" | "per_sequence" | a finite positive constant.
         seq_weights: [B] multipliers (e.g. exact sequence probabilities when enumerating).
+        backend, teacher_floor: as in `dense_kl` (teacher_floor: None or a finite log-probability < 0).
         parameters: if given, also report the dense and sparse parts' gradient norms and their cosine
             (costs two extra backward passes).
+        future_norm: "sum" (the exact future KL) | "mean": the future KL divided by the number of remaining
+            tokens (their discounted count under gamma), a length-neutral return as in TOP-D. "mean" is not the
+            gradient of J, nor of any fixed objective: ending early no longer lowers the return's KL part, so
+            it removes the short-answer incentive of the sequence KL, at a bias against grad J.
     """
     check_logits_pair(student_logits, teacher_logits, "student_logits", "teacher_logits")
     if student_logits.dim() != 3:
@@ -127,36 +139,48 @@ def hybrid_loss(
         b, t, v, dev, actions, rewards, mask, seq_weights, baseline, future, gamma, "student_logits"
     )
     tau = check_temperature(temperature)
-    check_weights(beta, lam)
+    check_weights(beta, lam, b)
+    check_future_norm(future_norm)
 
     # Dense term: analytic KL per visited state (also the Rao-Blackwellised future estimate).
-    kl, logp = dense_kl_and_logprobs(
-        student_logits,
-        teacher_logits,
-        actions,
-        temperature=tau,
-        mask=mask,
-        backend=backend,
-        teacher_floor=teacher_floor,
-        inplace_backward=parameters is None,
+    floor = check_teacher_floor(teacher_floor)
+    name = resolve_backend(backend, dev)
+    # Validated once above: the inner calls trust their caller.
+    kl, logp = apply_checked(
+        student_logits, teacher_logits, actions, tau, mask, name, floor, parameters is None
     )
     dtype = kl.dtype
     c = _normalizer(normalize, mask, seq_weights, dtype)  # [B]
     with torch.no_grad():
         # row-chunked: no full-vocabulary fp32 copy of a bf16 teacher
-        teacher_logp = selected_logprobs(teacher_logits, actions, 1.0, mask).to(dtype)
-        if teacher_floor is not None:
-            teacher_logp = teacher_logp.clamp_min(teacher_floor)
+        teacher_logp = selected_logprobs_checked(teacher_logits, actions, 1.0, mask).to(dtype)
+        if floor is not None:
+            teacher_logp = teacher_logp.clamp_min(floor)
     out = assemble(kl, logp, teacher_logp, rewards, mask, c, beta=beta, lam=lam, future=future, gamma=gamma,
-                   baseline=baseline, group_size=group_size)  # fmt: skip
+                   baseline=baseline, group_size=group_size, future_norm=future_norm)  # fmt: skip
     if parameters is not None:
         out.grad_norms = _part_grad_norms(out.dense, out.sparse, list(parameters))
     return out
 
 
-def check_weights(beta: float, lam: float) -> None:
+FUTURE_NORMS = ("sum", "mean")
+
+
+def check_future_norm(future_norm: str) -> None:
+    if future_norm not in FUTURE_NORMS:
+        raise ValueError(f"future_norm must be one of {FUTURE_NORMS}, got {future_norm!r}")
+
+
+def check_weights(beta, lam: float, batch: int | None = None) -> None:
     """beta (teacher KL) and lam (reward) are finite and >= 0: a NaN gives a NaN loss, a negative beta maximises
-    the KL to the teacher, an infinite weight has no meaning (only lam / beta matters, up to the step size)."""
+    the KL to the teacher, an infinite weight has no meaning (only lam / beta matters, up to the step size).
+    beta may be a [B] tensor (per-sequence weights; `batch` = B checks its shape)."""
+    if isinstance(beta, torch.Tensor):
+        if beta.dim() != 1 or (batch is not None and beta.shape[0] != batch):
+            raise ValueError(f"beta as a tensor must have shape [B] = [{batch}], got {shape_of(beta)}")
+        if not (torch.isfinite(beta).all() and (beta >= 0).all()):
+            raise ValueError(f"beta as a tensor must be finite and >= 0, got min {float(beta.min())}")
+        beta = 0.0
     for name, value in (("beta", beta), ("lam", lam)):
         try:
             x = float(value)
@@ -167,12 +191,15 @@ def check_weights(beta: float, lam: float) -> None:
 
 
 def check_batch(
-    b: int, t: int, vocab: int, device, actions, rewards, mask, seq_weights, baseline, future, gamma, ref: str
-) -> torch.Tensor:
-    """Validate the per-sequence inputs of a hybrid loss for B sequences of T tokens; return the mask [B, T]."""
+    b: int, t: int, vocab: int, device, actions, rewards, mask, seq_weights, baseline, future, gamma, ref: str,
+    mask_checked: bool = False,
+) -> torch.Tensor:  # fmt: skip
+    """Validate the per-sequence inputs of a hybrid loss for B sequences of T tokens; return the mask [B, T].
+    `mask_checked`: the caller has validated `mask` against [B, T] already (it is not checked twice)."""
     if mask is None:
         mask = torch.ones(b, t, dtype=torch.bool, device=device)
-    check_mask(mask, (b, t), ref, device)
+    elif not mask_checked:
+        check_mask(mask, (b, t), ref, device)
     check_actions(actions, (b, t), vocab, device, mask, ref)
     check_finite_vector("rewards", rewards, (b,), device)
     if seq_weights is not None:
@@ -200,6 +227,7 @@ def assemble(
     gamma: float,
     baseline,
     group_size: int | None,
+    future_norm: str = "sum",
 ) -> HybridLossOutput:
     """The dense and sparse terms from per-token KL [B, T] and log-probs [B, T] (both differentiable), the
     teacher's sampled-token log-probs [B, T] (needed for k1/k3; None gives a zero `logratio`) and weights c [B]."""
@@ -209,7 +237,9 @@ def assemble(
             "sampled from this softmax (other logits processors, masks, or a different temperature)"
         )
     zero = torch.zeros((), dtype=kl.dtype, device=mask.device)
-    dense = beta * (c * kl.sum(1)).sum()
+    if isinstance(beta, torch.Tensor):  # per-sequence weights [B]
+        beta = beta.detach().to(kl.dtype)
+    dense = (beta * c * kl.sum(1)).sum()
     with torch.no_grad():
         if teacher_logp is None:
             if future in ("k1", "k3"):
@@ -217,17 +247,28 @@ def assemble(
             logratio = torch.zeros_like(kl)
         else:
             logratio = torch.where(mask, logp.detach() - teacher_logp, zero)
+        # The [B, T] returns are formed in fp64 (a few B x T numbers): k3 = r - 1 - log r overflows fp32 once
+        # log r = log pi_T - log pi > 88 (a sampled token the student gives log-prob -100), although beta times
+        # the future KL can still be a representable advantage.
+        w64 = torch.float64
         if future == "analytic":
-            k_future = kl.detach()
+            k_future = kl.detach().to(w64)
         elif future == "none":
-            k_future = torch.zeros_like(kl)
+            k_future = torch.zeros_like(kl, dtype=w64)
         else:
-            k_future = kl_estimate(logp.detach(), teacher_logp, future)
+            k_future = kl_estimate(logp.detach().to(w64), teacher_logp.to(w64), future)
         fut = future_sum(k_future, mask, gamma if future != "none" else 0.0)
+        if future_norm == "mean" and future != "none":  # length-neutral: per remaining (discounted) token
+            fut = fut / future_sum(mask.to(fut.dtype), mask, gamma).clamp_min(1e-30)
         returns = combined_returns(rewards, fut, mask, lam=lam, beta=beta)
         base = state_baseline(baseline, rewards, returns, mask, lam=lam, group_size=group_size)
-        adv = torch.where(mask, returns - base, zero)
-    sparse = -(c[:, None] * torch.where(mask, logp, zero) * adv).sum()
+        adv64 = torch.where(mask, returns - base, 0.0)
+    sparse = (-(c[:, None].to(w64) * torch.where(mask, logp, zero).to(w64) * adv64).sum()).to(kl.dtype)
+    adv = adv64.to(kl.dtype)
+    returns, base = returns.to(kl.dtype), torch.where(mask, base, 0.0).to(kl.dtype)
+    ok = [torch.isfinite(x).all() for x in (sparse.detach(), c[:, None] * adv, returns, base)]
+    if not all(bool(x) for x in ok):  # no silent inf: the score gradient c * A would not fit the dtype either
+        raise ValueError(_return_overflow(future, logp.detach(), teacher_logp, mask, kl.dtype))
     return HybridLossOutput(
         loss=dense + sparse,
         dense=dense,
@@ -235,10 +276,25 @@ def assemble(
         kl=kl.detach(),
         logratio=logratio,
         returns=returns,
-        baseline=torch.where(mask, base, zero),
+        baseline=base,
         advantages=adv,
         token_weights=c.detach(),
     )
+
+
+def _return_overflow(future, logp, teacher_logp, mask, dtype) -> str:
+    msg = f"the returns / advantages of the sparse term overflow {dtype} (future={future!r})"
+    if future == "k3" and teacher_logp is not None:
+        log_r = torch.where(mask, teacher_logp.to(torch.float64) - logp.to(torch.float64), -math.inf)
+        i = int(log_r.argmax())
+        b, t = divmod(i, mask.shape[1])
+        lr = float(log_r.reshape(-1)[i])
+        msg += (
+            f": at token [{b}, {t}] the student's log-prob is {float(logp[b, t]):.4g} and the teacher's "
+            f"{float(teacher_logp[b, t]):.4g}, so r = pi_T / pi = exp({lr:.4g}) and k3 = r - 1 - log r = "
+            f"{math.expm1(lr) - lr if lr < 709 else math.inf:.4g}"
+        )
+    return msg + "; use future='analytic' (the lowest variance) or 'k1', a smaller beta, or float64 logits"
 
 
 def flat_grad(y: torch.Tensor, params, retain_graph: bool = False) -> torch.Tensor:

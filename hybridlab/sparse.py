@@ -15,7 +15,15 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._checks import check_actions, check_tensor, first_order_only
+from ._checks import (
+    check_actions,
+    check_float,
+    check_mask,
+    check_temperature,
+    describe_nonfinite,
+    describe_temperature_overflow,
+    first_order_only,
+)
 from ._logits import add_score_grad, row_logsumexp, selected_logprob
 
 FUTURE_ESTIMATORS = ("analytic", "k1", "k3", "none")
@@ -26,17 +34,22 @@ class _SelectedLogprob(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, actions, temperature, active):
-        lse = row_logsumexp(z, temperature, active)
-        ctx.save_for_backward(z, actions, lse, active)
+        shift, lse = row_logsumexp(z, temperature, active)
+        if not torch.isfinite(lse).all():  # a cheap [N] test: NaN, +inf or all -inf on a counted row
+            msg = describe_nonfinite("logits", z, active) or describe_temperature_overflow(
+                z, temperature, active, "logits"
+            )
+            raise ValueError(msg or f"logits {list(z.shape)} have a row whose log-sum-exp is not finite")
+        ctx.save_for_backward(z, actions, shift, lse, active)
         ctx.temperature = temperature
-        return selected_logprob(z, actions, lse, temperature, active)
+        return selected_logprob(z, actions, shift, lse, temperature, active)
 
     @staticmethod
     @first_order_only("selected_logprobs")
     @once_differentiable
     def backward(ctx, g):
-        z, actions, lse, active = ctx.saved_tensors
-        grad = add_score_grad(torch.zeros_like(z), z, actions, lse, g, ctx.temperature, active)
+        z, actions, shift, lse, active = ctx.saved_tensors
+        grad = add_score_grad(torch.zeros_like(z), z, actions, shift, lse, g, ctx.temperature, active)
         return grad, None, None, None
 
 
@@ -45,10 +58,21 @@ def selected_logprobs(
 ) -> torch.Tensor:
     """log softmax(logits / temperature)[actions]: [..., V] x [...] -> [...], differentiable w.r.t. logits.
 
-    Rows where `mask` ([...] bool) is False give 0 and no gradient, whatever their logits hold.
+    Rows where `mask` ([...] bool) is False give 0 and no gradient, whatever their logits hold. NaN, +inf or a
+    row of only -inf on a counted row is an error (no silent NaN); `temperature` must be finite and > 0.
     """
-    check_tensor("logits", logits)
+    check_float("logits", logits)
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have a non-empty vocabulary dimension, got shape {list(logits.shape)}")
+    check_mask(mask, logits.shape[:-1], "logits", logits.device)
     check_actions(actions, logits.shape[:-1], logits.shape[-1], logits.device, mask)
+    return selected_logprobs_checked(logits, actions, check_temperature(temperature), mask)
+
+
+def selected_logprobs_checked(
+    logits: torch.Tensor, actions: torch.Tensor, temperature: float, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """`selected_logprobs` on arguments its caller has validated (no argument checks here)."""
     v = logits.shape[-1]
     active = None if mask is None else mask.reshape(-1)
     out = _SelectedLogprob.apply(
@@ -73,8 +97,15 @@ def kl_estimate(student_logp: torch.Tensor, teacher_logp: torch.Tensor, kind: st
 def future_sum(x: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
     """F_t = sum_{t' > t} gamma^(t' - t) x_t' over unmasked t' (strictly future): [B, T] -> [B, T].
 
-    gamma = 1 is the exact objective's future KL; gamma = 0 gives zeros (the myopic rule).
+    gamma = 1 is the exact objective's future KL; gamma = 0 gives zeros (the myopic rule). gamma must lie in
+    [0, 1] (a discount): above 1 the sum grows geometrically with T.
     """
+    try:
+        ok = not isinstance(gamma, bool) and 0.0 <= float(gamma) <= 1.0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"gamma must be a number in [0, 1], got {gamma!r}")
     x = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
     if gamma == 1.0:  # exclusive reverse cumsum: no (sum - x) cancellation in low precision
         rev = x.flip(-1).cumsum(-1).flip(-1)
@@ -111,9 +142,11 @@ def combined_returns(
     mask: torch.Tensor,
     *,
     lam: float,
-    beta: float,
+    beta: float | torch.Tensor,
 ) -> torch.Tensor:
-    """G_t = lam R - beta F_t on response tokens, 0 on padding: [B] x [B, T] -> [B, T]."""
+    """G_t = lam R - beta F_t on response tokens, 0 on padding: [B] x [B, T] -> [B, T] (beta: a number or [B])."""
+    if isinstance(beta, torch.Tensor):
+        beta = beta.to(future_kl.dtype)[:, None]
     g = lam * rewards[:, None].to(future_kl.dtype) - beta * future_kl
     return torch.where(mask, g, torch.zeros((), dtype=g.dtype, device=g.device))
 

@@ -27,6 +27,14 @@ Numerics:
   for every full teacher consistent with the given (rounded) top-k: the slack is the size of the input's own
   rounding (about 0.004 |lq| for bf16, 5e-5 for 4 decimals, 6e-8 |lq| for fp32). Errors made *before* the
   rounding (e.g. the teacher's own log-sum-exp) are not covered. `tail_floor` is an optional extra lower clamp.
+  The guarantee holds row by row: "auto" guesses each row's resolution from that row's values alone.
+- Inputs that void the bound under "auto" (the guess cannot see their error; a `ResolutionWarning` is raised
+  for rows guessed as unrounded fp32/fp64): log-probs rounded to 6 or more decimals and stored in fp32 (their
+  step is below what fp32 shows at |lq| > 1: up to 2.3 nats over in a measured case); a teacher's own fp32
+  log-softmax (its error is about an ulp of the *logits*, not of the log-prob: 0.12 nats over measured);
+  fp64 log-probs whose tail mass is below 1e-18 (below fp64's resolution of the top-k mass). For these, pass
+  `logprob_precision` explicitly (every entry point takes it: `dense_kl_topk`, `fused_linear_dense_kl`,
+  `fused_hybrid_loss`), e.g. 5e-7 for 6 decimals or 1e-5 for a server's fp32 log-softmax.
 - Teacher log-probability -inf at a top-k token where the student has mass gives an infinite KL: an error.
 
 `dense_kl_topk_renormalized` (renormalise both sides over the top-k ids) is offered for comparison only: it is
@@ -35,6 +43,7 @@ NOT a bound on the full KL and ignores the student's mass outside the top-k.
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -71,27 +80,73 @@ class TopKTeacher(NamedTuple):
     ids: torch.Tensor
 
 
-def _representable_in(x: torch.Tensor, dtype: torch.dtype) -> bool:
-    return bool((x.to(dtype).to(x.dtype) == x).all())
+class ResolutionWarning(UserWarning):
+    """logprob_precision="auto" could not tell how some rows' top-k log-probabilities were rounded."""
 
 
-def _decimal_places(x: torch.Tensor) -> int | None:
-    """The number of decimals d if every value is a multiple of 10^-d (and some value needs all d), else None.
+def _decimal_rows(x: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """Per row of x [N, K]: the number of decimals d if every seen value is a multiple of 10^-d (and some value
+    needs all d), else 0. [N] int64.
 
     Only d whose step is well above the storage precision counts, so ordinary fp32 values are never mistaken
-    for rounded decimals."""
-    x64 = x.to(torch.float64)
+    for rounded decimals (6 decimals in fp32 are therefore not recognised: see the module docstring)."""
+    x64 = torch.where(seen, x.to(torch.float64), 0.0)
     err = x64.abs() * torch.finfo(x.dtype).eps  # storage error of a rounded decimal, per value
+    out = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+    undecided = seen.any(-1)
     for d in range(1, 9):
         step = 10.0**-d
         tol = err / step  # in units of the step
-        if float(tol.max()) > 0.1:  # the step is too fine for this storage to tell
-            return None
+        undecided &= ~(tol.amax(-1) > 0.1)  # the step is too fine for this storage to tell
         scaled = x64 / step
-        if ((scaled - scaled.round()).abs() <= tol).all():
-            coarser = scaled / 10
-            return d if ((coarser - coarser.round()).abs() > tol / 10).any() else None
-    return None
+        multiple = ((scaled - scaled.round()).abs() <= tol).all(-1)
+        coarser = scaled / 10
+        needs_d = ((coarser - coarser.round()).abs() > tol / 10).any(-1)
+        hit = undecided & multiple
+        out = torch.where(hit & needs_d, d, out)
+        undecided &= ~hit
+    return out
+
+
+def _auto_resolution(lq: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
+    """The "auto" resolution, guessed row by row (a placeholder or a differently rounded row cannot change
+    another row's guess): [N, K] -> delta [N, K] fp64. Warns (`ResolutionWarning`) when counted rows look like
+    unrounded fp32 / fp64 values, the case the guess cannot check."""
+    lq64 = lq.to(torch.float64).abs()
+    seen = torch.isfinite(lq) & (lq != 0)
+    # Per row, every format its values are consistent with; the coarsest wins (bf16 values are also decimals).
+    u = torch.full(lq.shape[:1], UNIT_ROUNDOFF[lq.dtype], dtype=torch.float64, device=lq.device)
+    tiny = torch.full_like(u, torch.finfo(lq.dtype).tiny)
+    decided = torch.zeros(lq.shape[:1], dtype=torch.bool, device=lq.device)
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        if torch.finfo(dt).bits > torch.finfo(lq.dtype).bits:
+            break
+        fits = ((lq.to(dt).to(lq.dtype) == lq) | ~seen).all(-1) & ~decided
+        u = torch.where(fits, UNIT_ROUNDOFF[dt], u)
+        tiny = torch.where(fits, torch.finfo(dt).tiny, tiny)
+        decided |= fits
+    delta = (lq64 * (u / (1 - u))[:, None]).clamp_min(tiny[:, None])
+    if lq.dtype in (torch.float32, torch.float64):
+        d = _decimal_rows(lq, seen)
+        half_step = torch.where(d > 0, 0.5 * 10.0 ** (-d.to(torch.float64)), 0.0)
+        delta = torch.maximum(delta, half_step[:, None])
+        # Rows guessed as unrounded fp32 / fp64 values: true, or a rounding the guess cannot see.
+        plain = (u <= UNIT_ROUNDOFF[torch.float32]) & (d == 0) & seen.any(-1)
+        if active is not None:
+            plain &= active
+        n_plain = int(plain.sum())
+        if n_plain:
+            warnings.warn(
+                f"logprob_precision='auto': {n_plain} of {lq.shape[0]} rows of teacher_topk_logprobs "
+                f"{shape_of(lq)} look like unrounded {lq.dtype} values; the lower bound then assumes they are "
+                "exact to half an ulp. It does not hold for log-probs rounded to 6 or more decimals and stored "
+                "in fp32, for a teacher's own fp32 log-softmax (its error is about an ulp of the logits), or "
+                "for fp64 values with a tail mass below 1e-18. Pass logprob_precision explicitly (e.g. 5e-7 "
+                "for 6 decimals, 1e-5 for a server's fp32 log-softmax, or the dtype they were rounded to).",
+                ResolutionWarning,
+                stacklevel=4,
+            )
+    return delta
 
 
 def logprob_resolution(
@@ -100,26 +155,21 @@ def logprob_resolution(
     """delta [N, K] fp64: how far each given top-k log-probability may lie from the exact one (its rounding).
 
     precision: a float (absolute: 5e-5 for log-probs given to 4 decimals); a dtype (the format the values were
-    rounded to, e.g. torch.bfloat16 for a bf16 teacher's log-probs stored in fp32); or "auto": the coarsest
-    resolution the finite nonzero values are consistent with (rounded decimals, else bf16 or fp16 if every
-    value is exactly representable there, else the tensor's own dtype). Guessing too coarse only loosens the
-    bound; guessing too fine would break it, hence the coarsest consistent guess. Decimals finer than the
-    storage can show (6 decimals in fp32) are not recognised: pass the resolution explicitly then.
+    rounded to, e.g. torch.bfloat16 for a bf16 teacher's log-probs stored in fp32); or "auto": per row, the
+    coarsest resolution that row's finite nonzero values are consistent with (rounded decimals, else bf16 or
+    fp16 if every value is exactly representable there, else the tensor's own dtype). Guessing too coarse only
+    loosens the bound; guessing too fine would break it, hence the coarsest consistent guess, row by row (one
+    placeholder or one differently rounded row cannot change the guess of another). Decimals finer than the
+    storage can show (6 decimals in fp32) are not recognised; a `ResolutionWarning` says when counted rows
+    (`active` [N] bool, default all) look unrounded: pass the resolution explicitly then.
     """
     lq64 = lq.to(torch.float64).abs()
     if isinstance(precision, (int, float)) and not isinstance(precision, bool):
         if not (0.0 < float(precision) < 1.0):
             raise ValueError(f"logprob_precision as a number must lie in (0, 1), got {precision!r}")
         return torch.full_like(lq64, float(precision))
-    if precision == "auto":
-        rows = lq if active is None else lq[active]
-        seen = rows[torch.isfinite(rows) & (rows != 0)]
-        # Every format the values are consistent with; the coarsest wins (bf16 values are also short decimals).
-        formats = (torch.bfloat16, torch.float16, torch.float32)
-        fmt = next((dt for dt in formats if _representable_in(seen, dt)), lq.dtype)
-        delta = logprob_resolution(lq, fmt)
-        d = _decimal_places(seen) if seen.numel() and lq.dtype in (torch.float32, torch.float64) else None
-        return delta if d is None else delta.clamp_min(0.5 * 10.0**-d)
+    if isinstance(precision, str) and precision == "auto":
+        return _auto_resolution(lq, active)
     if precision not in UNIT_ROUNDOFF:
         raise ValueError(
             f"logprob_precision must be 'auto', a float dtype {list(UNIT_ROUNDOFF)} or a positive number "

@@ -189,18 +189,15 @@ def test_dense_kl_and_logprobs_validates_actions():
 
 
 def test_finite_logits_that_overflow_at_the_temperature_never_give_a_silent_nan():
-    """z = 3e38 is finite in fp32 but z / 0.5 is not. The torch closed form divides first: a clear error naming
-    the student and the temperature (not the teacher). The kernel subtracts the row maximum before scaling: the
-    correct KL. A hybrid loss (which also needs log-sum-exp(z / tau)) refuses it on either backend."""
+    """z = 3e38 is finite in fp32 but z / 0.5 is not. Both backends subtract the row maximum before dividing by
+    the temperature, so the KL is still the correct one (the float64 reference), never a silent NaN."""
     g = torch.Generator().manual_seed(0)
     z = torch.randn(3, 6, generator=g)
     z[1, 2] = 3e38
     t = torch.randn(3, 6, generator=g)
-    with pytest.raises(ValueError, match=r"student_logits \[3, 6\] overflow .* temperature=0.5") as err:
-        dense_kl(z, t, temperature=0.5, backend="torch")
-    assert "teacher" not in str(err.value)
     ref = dense_kl_reference(z.double(), t.double(), temperature=0.5)
-    torch.testing.assert_close(
-        dense_kl(z, t, temperature=0.5, backend="triton").double(), ref, rtol=1e-5, atol=1e-6
-    )
+    for backend in ("torch", "triton"):
+        got = dense_kl(z, t, temperature=0.5, backend=backend).double()
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert not torch.isfinite(torch.log_softmax(z / 0.5, -1)).all()  # control: dividing first overflows
     assert torch.isfinite(dense_kl(z, t, temperature=2.0, backend="torch")).all()

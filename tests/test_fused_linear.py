@@ -90,7 +90,9 @@ def test_matches_unfused_fp32_nonuniform_upstream_and_mask(backend, kind):
     mask = torch.rand(37, generator=torch.Generator().manual_seed(2)).to(DEV) > 0.3
     want = _unfused(d, kind, d["upstream"], tau=0.8, mask=mask)
     got = _fused(d, kind, d["upstream"], backend, tau=0.8, mask=mask, chunk_size=10)  # 10 does not divide 37
-    assert_grads_close(got, want, 2e-5)
+    # Two fp32 paths, compared with each other: against a float64 run of the same inputs each is within
+    # ~1.6e-5 of the largest entry (the torch tail-bucket path on the hidden gradient, V = 1003), so 4e-5.
+    assert_grads_close(got, want, 4e-5)
     assert (got[1][~mask] == 0).all()
 
 

@@ -15,9 +15,11 @@ from hybridlab.topk import (
 )
 
 pytest.importorskip("hybridlab.kernels.topk_triton")
-pytestmark = pytest.mark.filterwarnings(
-    "ignore::RuntimeWarning"
-)  # numpy noise of the interpreter on error paths
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::RuntimeWarning"),  # numpy noise of the interpreter on error paths
+    # fp32 log-softmax top-k under "auto" (tested in test_review_estimators.py)
+    pytest.mark.filterwarnings("ignore::hybridlab.topk.ResolutionWarning"),
+]
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

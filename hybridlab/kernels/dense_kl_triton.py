@@ -37,7 +37,8 @@ Conventions (the same as `hybridlab.dense._torch_impl`):
 - 0 log 0 = 0: a -inf logit on either side is legal; entries with p_j = 0 add nothing to KL or gradient.
 - p_j > 0 with q_j = 0 gives KL = +inf (dense.py turns that into a ValueError naming the inputs), unless
   `teacher_floor` clamps log q_j from below; then the kernel needs log-sum-exp(t) before it can clamp, and
-  takes a third sweep (statistics, KL, gradient).
+  takes a third sweep (statistics, KL, gradient). The clamp keeps NaN: a NaN, +inf or all -inf teacher row
+  stays an error with a floor too (as in the torch backend).
 - NaN or +inf logits make the row's KL NaN, which dense.py reports as an error.
 - Inactive rows (active[r] == False) do no reads: KL 0 and, when a gradient is wanted, a zero row.
 - `row_scale` (optional, [N] fp32): the gradient row r is written multiplied by row_scale[r] (the loss
@@ -115,7 +116,8 @@ def _log2_ratio(z, t, sh_z, sh_t, c_p, log2_sp, log2_sq, floor2, HAS_FLOOR: tl.c
     lp = (z - sh_z) * c_p - log2_sp
     lq = (t - sh_t) * LOG2E - log2_sq
     if HAS_FLOOR:
-        lq = tl.maximum(lq, floor2)
+        # maximum(NaN, floor) is the floor: keep a NaN (a NaN, +inf or all -inf teacher row) so it is reported
+        lq = tl.where(lq != lq, lq, tl.maximum(lq, floor2))
     p = tl.exp2(lp)
     live = p > 0
     return p, tl.where(live, lp, 0.0) - tl.where(live, lq, 0.0)

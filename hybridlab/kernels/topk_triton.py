@@ -8,8 +8,9 @@ p = softmax(x), P_T = sum_{j not in ids} p_j and log Q_T given per row (computed
     dKL/dz_j  = (1 / tau) p_j (r_j - KL),   r_j = log p_j - lq_k  if j = i_k,   r_j = log P_T - log Q_T  otherwise.
 
 One program per row:
-1. one sweep over the vocabulary for the student's max m, s = sum exp(x - m) and the tail sum
-   s_T = sum_{j not in ids} exp(x_j - m) (online rescaling). The tail is summed directly, never as 1 - P_top,
+1. one sweep over the vocabulary for the student's raw max m, s = sum exp((z - m) / tau) and the tail sum
+   s_T = sum_{j not in ids} exp((z_j - m) / tau) (online rescaling). The max is subtracted before the scaling,
+   so large logits (offsets of 1e4) keep fp32's relative precision in every log-prob. The tail is summed directly, never as 1 - P_top,
    so a tail of 1e-9 keeps its relative precision in fp32. Membership in the top-k is read from a per-row
    bitmap (bit j of byte j // 8), built by the caller: one byte per 8 columns, 1/16 of the bf16 logits.
 2. gather the K student logits at the teacher's ids, form KL.
@@ -61,33 +62,35 @@ def _topk_kl_kernel(
         is_active = tl.load(active_ptr + row) != 0
 
     if is_active:
+        # m is the running maximum of the *raw* logits: each logit is centred before it is scaled by 1 / tau,
+        # so logits of size 1e4 are never rounded at that scale (log p = (z - m) / tau - log s).
         m = tl.full((), neg_inf, tl.float32)
         s_vec = tl.zeros((BLOCK,), tl.float32)  # per-lane sums, reduced once after the sweep
         st_vec = tl.zeros((BLOCK,), tl.float32)
         for b in range(0, n_blocks):
             offs = b * BLOCK + cols
             inb = offs < V
-            x = tl.load(z_row + offs * stride_zc, mask=inb, other=neg_inf).to(tl.float32) * inv_tau
+            z = tl.load(z_row + offs * stride_zc, mask=inb, other=neg_inf).to(tl.float32)
             byte = tl.load(bits_row + (offs >> 3), mask=inb, other=0).to(tl.int32)
             top = ((byte >> (offs & 7)) & 1) != 0
-            new_m = tl.maximum(m, tl.max(x, 0))
+            new_m = tl.maximum(m, tl.max(z, 0))
             sh = tl.where(new_m == neg_inf, 0.0, new_m)
-            alpha = tl.exp(m - sh)
-            e = tl.exp(x - sh)
+            alpha = tl.exp((m - sh) * inv_tau)
+            e = tl.exp((z - sh) * inv_tau)
             s_vec = alpha * s_vec + e
             st_vec = alpha * st_vec + tl.where(top, 0.0, e)
             m = new_m
         s = tl.sum(s_vec, 0)
         s_t = tl.sum(st_vec, 0)
         sh = tl.where(m == neg_inf, 0.0, m)
-        lse = sh + tl.log(s)
+        lse = tl.log(s)  # of the centred, scaled logits
 
         ks = tl.arange(0, K_PAD)
         kin = ks < K
         ids = tl.load(ids_ptr + row * K + ks, mask=kin, other=0)
         lq = tl.load(lq_ptr + row * K + ks, mask=kin, other=0.0).to(tl.float32)
-        xk = tl.load(z_row + ids * stride_zc, mask=kin, other=neg_inf).to(tl.float32) * inv_tau
-        logp_k = xk - lse
+        zk = tl.load(z_row + ids * stride_zc, mask=kin, other=neg_inf).to(tl.float32)
+        logp_k = (zk - sh) * inv_tau - lse
         p_k = tl.exp(logp_k)
         live_k = p_k > 0
         r_k = tl.where(live_k, logp_k, 0.0) - tl.where(live_k, lq, 0.0)  # 0 log 0 = 0
@@ -104,10 +107,10 @@ def _topk_kl_kernel(
             for i in range(0, n_blocks):
                 offs = (n_blocks - 1 - i) * BLOCK + cols  # last block first: likeliest still in L2
                 inb = offs < V
-                x = tl.load(z_row + offs * stride_zc, mask=inb, other=neg_inf).to(tl.float32) * inv_tau
+                z = tl.load(z_row + offs * stride_zc, mask=inb, other=neg_inf).to(tl.float32)
                 byte = tl.load(bits_row + (offs >> 3), mask=inb, other=0).to(tl.int32)
                 top = ((byte >> (offs & 7)) & 1) != 0
-                p = tl.exp(x - lse)
+                p = tl.exp((z - sh) * inv_tau - lse)
                 g = p * (r_t - kl) * inv_tau
                 tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=inb & ~top)
             g_k = p_k * (r_k - kl) * inv_tau
