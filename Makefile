@@ -46,7 +46,7 @@ test-unit: $(STAMP)
 
 test-notebooks: $(STAMP)
 	$(VPY) -m hybridlab.scripts.fetch_real_model  # notebook 08 runs on the real model: fetched and converted once per machine
-	PYTHONPATH=$(CURDIR) HYBRIDLAB_SMOKE=1 OMP_NUM_THREADS=1 MPLBACKEND=Agg $(VPY) -m pytest -n $(JOBS) --dist loadfile \
+	PYTHONPATH=$(CURDIR) HYBRIDLAB_SMOKE=1 HYBRIDLAB_SOLUTIONS=1 OMP_NUM_THREADS=1 MPLBACKEND=Agg $(VPY) -m pytest -n $(JOBS) --dist loadfile \
 		--nbval-lax --nbval-current-env -p no:randomly notebooks $(ARGS)
 
 test-browser: $(STAMP)
@@ -108,7 +108,7 @@ $(MATHJAX): book/package.json book/package-lock.json
 	@touch $@
 
 book: $(BOOK_STAMP) $(MATHJAX)
-	$(MAKE) --no-print-directory real-model  # notebook 08 runs on the real model
+	$(MAKE) --no-print-directory real-model ARGS=  # notebook 08 runs on the real model (ARGS are for sphinx-build)
 	@mkdir -p book/_build
 	env -u HYBRIDLAB_SMOKE -u MPLBACKEND PYTHONPATH=$(CURDIR) OMP_NUM_THREADS=1 \
 		$(VPY) -m sphinx -b html --keep-going -w book/_build/warnings.txt book book/_build/html $(ARGS)

@@ -38,7 +38,7 @@ from ._checks import (
     shape_of,
 )
 from ._logits import CHUNK_ELEMENTS, add_score_grad, compute_dtype, row_logsumexp, selected_logprob
-from ._torch_ref import dense_kl_torch
+from ._onepass import dense_kl_fast_torch
 
 # impl(student [N,V], teacher [N,V], active_rows [N] bool | None, temperature, need_grad, teacher_floor)
 #   -> (kl [N] fp32/fp64 with 0 on inactive rows, grad [N,V] in student's dtype (0 on inactive rows) | None)
@@ -64,8 +64,10 @@ def dense_kl_reference(
     return (p * diff).sum(-1)
 
 
-# The closed form in PyTorch lives below this module and the kernels (no import circle).
-_torch_impl = dense_kl_torch
+# The closed form in PyTorch lives below this module and the kernels (no import circle): the fast chunked path
+# (softmax, two row dot products, softmax's backward for the gradient), which hands the chunks that need care
+# (offsets, -inf entries, a floor, fp64) to the centred `dense_kl_torch`.
+_torch_impl = dense_kl_fast_torch
 
 
 def _triton_impl(*args, **kwargs):

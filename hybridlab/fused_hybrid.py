@@ -1,22 +1,24 @@
 """`fused_hybrid_loss`: `hybrid_loss` from the student's last hidden states and LM head, no [N, V] student logits.
 
-    dense  = beta * sum_b c_b sum_t KL_t            KL from `fused_linear_dense_kl` (chunked, closed-form grads)
-    sparse = -sum_b c_b sum_t log pi(y_t|s_t) A_t    log pi from `fused_linear_logprobs` (chunked, below)
+    dense  = beta * sum_b c_b sum_t KL_t            (closed-form logit gradient)
+    sparse = -sum_b c_b sum_t log pi(y_t|s_t) A_t    (score function, A_t detached)
 
-The two terms do not share one pass over the vocabulary: the sparse term's upstream gradient -c_b A_t depends,
-through the analytic future KL, on the KL of *later* rows, which a chunk does not know when it is computed. So
-the KL (with its gradient precomputed for the known row weights beta * c_b) and the sampled-token log-probs are
-two chunked passes. Per chunk of C rows the vocabulary-wide memory is one [C, V] logits buffer (plus the
-teacher's chunk and an fp32 [C, V] workspace); nothing of size [N, V] exists on the student side.
+Teacher logits or hidden states: one chunked pass (`hybridlab._onepass.FusedLinearHybridFunction`). Forward
+computes each chunk's logits, keeps only its row scalars (KL_t, log pi(y_t), log pi_T(y_t)) and drops the
+logits; backward, once every upstream gradient is known (the sparse term's -c_b A_t depends through the
+analytic future KL on the KL of *later* rows), recomputes each chunk's logits and writes the combined dense +
+score gradient over them, scaled per row by the upstream gradients inside the kernel (no pass of its own).
+Student LM-head matmuls ([N, H] x [H, V]) per micro-batch: forward 1, backward 3 (recompute, dL/dh, dL/dW): 4,
+against 3 for materialised logits. Per chunk of C rows the vocabulary-wide memory is one [C, V] logits buffer
+(plus the teacher's chunk and the torch path's cache-sized workspace); nothing [N, V] exists on the student side.
 
-Cost in LM-head matmuls ([N, H] x [H, V]): the dense pass does 3 (logits, then dL/dh and dL/dW in forward),
-the log-prob pass 1 in forward and 3 in backward (it recomputes the logits): 7, against 3 for materialised
-logits (one forward, two backward). A single pass computing both terms' gradients in backward, once every
-upstream gradient is known, would need 4; it is not implemented here.
+A top-k teacher (`TopKTeacher`) keeps two chunked passes: the tail-bucket KL from `fused_linear_dense_kl`
+(gradient precomputed in forward for the known row weights beta * c_b: 3 matmuls) and the sampled-token
+log-probs from `fused_linear_logprobs` (1 + 3): 7.
 
 `hybrid_loss` is the reference: the same inputs through materialised logits give the same loss and gradients
-(tests/test_train.py checks it). Everything here is torch only (plus the Triton kernel through
-`fused_linear_dense_kl` when backend resolves to "triton").
+(tests/test_train.py checks it). Everything here is torch only (plus the Triton kernels when backend resolves
+to "triton").
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from ._checks import (
 )
 from ._logits import row_shift
 from .fused_linear import DEFAULT_CHUNK, _accumulate_mm, check_dense_kl_args, dense_kl_checked
+from ._onepass import fused_hybrid_rows
 from .hybrid import HybridLossOutput, _normalizer, assemble, check_batch, check_weights
 from .topk import TopKTeacher
 
@@ -233,9 +236,8 @@ def fused_hybrid_loss(
     `teacher` is teacher logits [B, T, V] or (teacher_hidden [B, T, H'], teacher_weight [V, H'][, bias [V]])
     (then neither side's [B, T, V] logits exist), or a `TopKTeacher` (future="analytic" or "none";
     `logprob_precision` is its log-probs' resolution, as in `dense_kl_topk`). All other arguments and the returned `HybridLossOutput` are
-    those of `hybrid_loss` (an all-False mask gives loss 0 and zero gradients; `logratio` is filled only when
-    `future` is "k1" or "k3", else zeros: it needs an extra pass over the teacher's vocabulary; `grad_norms` is
-    None).
+    those of `hybrid_loss` (an all-False mask gives loss 0 and zero gradients; with a top-k teacher `logratio`
+    is zeros; `grad_norms` is None).
     """
     # validated once here: hidden, weight, bias, teacher, mask, temperature (the fused KL's checks), then the batch
     tau, name, teacher_rows = check_dense_kl_args(hidden, weight, teacher, temperature, mask, chunk_size, bias, None,
@@ -250,6 +252,12 @@ def fused_hybrid_loss(
     check_weights(beta, lam)
     dtype = _cdt(hidden)
     c = _normalizer(normalize, mask, seq_weights, dtype)  # [B]
+    if not isinstance(teacher, TopKTeacher):  # one pass: row scalars forward, the combined gradient backward
+        teacher_rows.flatten(b * t, mask.reshape(-1))
+        kl, logp, t_logp = fused_hybrid_rows(hidden, weight, bias, teacher_rows, actions, mask, tau, teacher_floor,
+                                             name, chunk_size)  # fmt: skip
+        return assemble(kl.to(dtype), logp.to(dtype), t_logp.to(dtype), rewards, mask, c, beta=beta, lam=lam,
+                        future=future, gamma=gamma, baseline=baseline, group_size=group_size)  # fmt: skip
     zero = torch.zeros((), dtype=dtype, device=hidden.device)
     row_w = torch.where(mask, c[:, None].expand(b, t), zero).detach()
 

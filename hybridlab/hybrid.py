@@ -28,13 +28,13 @@ from ._checks import (
     check_temperature,
     shape_of,
 )
-from .dense import apply_checked, resolve_backend
+from ._onepass import hybrid_rows
+from .dense import resolve_backend
 from .sparse import (
     FUTURE_ESTIMATORS,
     combined_returns,
     future_sum,
     kl_estimate,
-    selected_logprobs_checked,
     state_baseline,
 )
 
@@ -145,17 +145,12 @@ def hybrid_loss(
     # Dense term: analytic KL per visited state (also the Rao-Blackwellised future estimate).
     floor = check_teacher_floor(teacher_floor)
     name = resolve_backend(backend, dev)
-    # Validated once above: the inner calls trust their caller.
-    kl, logp = apply_checked(
-        student_logits, teacher_logits, actions, tau, mask, name, floor, parameters is None
-    )
+    # Validated once above: the inner calls trust their caller. One pass over the logits keeps only row
+    # scalars (KL_t, log pi(y_t), log pi_T(y_t), the last clamped at the floor); backward writes the dense and
+    # score gradients together in one more pass (`hybridlab._onepass`).
+    kl, logp, teacher_logp = hybrid_rows(student_logits, teacher_logits, actions, mask, tau, floor, name)
     dtype = kl.dtype
     c = _normalizer(normalize, mask, seq_weights, dtype)  # [B]
-    with torch.no_grad():
-        # row-chunked: no full-vocabulary fp32 copy of a bf16 teacher
-        teacher_logp = selected_logprobs_checked(teacher_logits, actions, 1.0, mask).to(dtype)
-        if floor is not None:
-            teacher_logp = teacher_logp.clamp_min(floor)
     out = assemble(kl, logp, teacher_logp, rewards, mask, c, beta=beta, lam=lam, future=future, gamma=gamma,
                    baseline=baseline, group_size=group_size, future_norm=future_norm)  # fmt: skip
     if parameters is not None:

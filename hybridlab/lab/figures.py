@@ -104,6 +104,34 @@ def bars(
     return _done(fig)
 
 
+def variance_changes(
+    panels: Mapping[str, Mapping[str, Mapping[str, float]]],
+    *,
+    title: str,
+    xlabel: str = "baseline",
+) -> Figure:
+    """Side by side, one panel per toy: each baseline's change in variance against none (percent), with its
+    standard error; green bars lower the variance, red ones raise it. `panels`: title -> {"change": name -> x,
+    "se": name -> x} (what `hybridlab.lab.baselines.variance_changes` returns)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False, sharey=True)
+    for ax, (name, res) in zip(axes[0], panels.items()):
+        labels = list(res["change"])
+        vals = 100 * np.array([res["change"][k] for k in labels])
+        errs = 100 * np.array([res["se"][k] for k in labels])
+        x = np.arange(len(labels))
+        ax.bar(x, vals, yerr=errs, capsize=4, color=[COLORS[3] if v > 0 else COLORS[2] for v in vals])
+        ax.axhline(0.0, color="k", ls="--", lw=1, label="no baseline")
+        for xi, v, e in zip(x, vals, errs):
+            ax.annotate(f"{v:+.0f}%", (xi, v + e if v >= 0 else v - e), ha="center",
+                        va="bottom" if v >= 0 else "top", fontsize=8)  # fmt: skip
+        ax.set_xticks(x, labels, rotation=20, ha="right")
+        ax.set(title=name, xlabel=xlabel, ylabel="change in variance vs no baseline (%)")
+        ax.grid(alpha=0.3, axis="y")
+    axes[0, 0].legend(loc="lower left", fontsize=8)
+    fig.suptitle(title)
+    return _done(fig)
+
+
 def relative_errors(
     labels: Sequence[str],
     errors: Sequence[float],
@@ -171,14 +199,17 @@ def lines(
     logy: bool = False,
     markers: bool = True,
     styles: Mapping[str, str] | None = None,
+    colors: Mapping[str, str] | None = None,
 ) -> Figure:
-    """Several labelled curves over the same x (or, with x=None, each over its own 1..len)."""
+    """Several labelled curves over the same x (or, with x=None, each over its own 1..len); `styles` and `colors`
+    map a curve's name to its line style and colour (default: solid, the colour cycle)."""
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for i, (name, ys) in enumerate(curves.items()):
         y = _np(ys)
         xs = np.arange(1, len(y) + 1) if x is None else _np(x)
         ls = (styles or {}).get(name, "-")
-        ax.plot(xs, y, ls, marker="o" if markers else None, ms=4, color=COLORS[i % len(COLORS)], label=name)
+        color = (colors or {}).get(name, COLORS[i % len(COLORS)])
+        ax.plot(xs, y, ls, marker="o" if markers else None, ms=4, color=color, label=name)
     if logx:
         ax.set_xscale("log")
     if logy:
@@ -229,10 +260,20 @@ def vocab_gradients(
         ax.plot(tok, p, color=COLORS[0], lw=2, label="student p")
         ax.set(title=panel["label"], xlabel="token id j", ylabel="probability " + UNITLESS)
         ax2 = ax.twinx()
-        ax2.bar(tok, -g, color=COLORS[3], alpha=0.45, width=1.0, label="descent step -dKL/dz_j")
+        step = -g
+        up = step > 0
+        ax2.bar(
+            tok[up], step[up], color=COLORS[3], alpha=0.5, width=1.0, label="raise logit j (-dKL/dz_j > 0)"
+        )
+        ax2.bar(
+            tok[~up], step[~up], color=COLORS[0], alpha=0.35, width=1.0, label="lower logit j (-dKL/dz_j < 0)"
+        )
         ax2.set_ylabel("-dKL/dz_j (nats per logit)")
         lim = float(np.abs(g).max()) * 1.1 or 1.0
         ax2.set_ylim(-lim, lim)
+        top = max(float(p.max()), float(q.max())) * 1.15
+        ax.set_ylim(-top, top)  # both axes symmetric: their zeros sit on the same line
+        ax.axhline(0.0, color="0.3", lw=0.8)
         h1, l1 = ax.get_legend_handles_labels()
         h2, l2 = ax2.get_legend_handles_labels()
         ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper right")
@@ -277,16 +318,19 @@ def per_position(
     title: str,
     ylabel: str = "E[KL_t(s_t)] (nats)",
     styles: Mapping[str, str] | None = None,
+    colors: Mapping[str, str] | None = None,
 ) -> Figure:
-    """Per-position curves (e.g. the per-state KL along the response) for several students."""
+    """Per-position curves (e.g. the per-state KL along the response) for several students, over t = 1..T
+    (the first token is t = 1, as in the text)."""
     first = next(iter(curves.values()))
     return lines(
-        range(len(_np(first))),
+        range(1, len(_np(first)) + 1),
         curves,
         title=title,
-        xlabel="position t in the response (tokens)",
+        xlabel="position t in the response (1 = first token)",
         ylabel=ylabel,
         styles=styles,
+        colors=colors,
     )
 
 
@@ -328,7 +372,7 @@ def histogram(
 ROLE_COLORS = {"past": "0.75", "step": COLORS[0], "future": COLORS[1], "reward": COLORS[2]}
 ROLE_LABELS = {
     "past": "past t' < t: drops out (the score has mean 0 given s_t)",
-    "step": "step t: replaced by the dense full-vocabulary KL_t(s_t)",
+    "step": "step t: its score term is replaced by the gradient of KL_t(s_t) at fixed s_t (dense)",
     "future": "future t' > t: -beta k_t' goes into the return",
     "reward": "reward: +lam R goes into the return",
 }
@@ -378,11 +422,12 @@ def token_roles(
     kl_t = float(terms.sum())
     top.plot([t - 0.45, t + 0.45], [kl_t, kl_t], "k--", lw=1.5)
     top.annotate(
-        f"dense: KL_t(s_t) = {kl_t:.2f} replaces the sampled k_t = {k[t - 1]:.2f}",
+        f"KL_t(s_t) = {kl_t:.2f}, the mean of k_t over y_t (this sample: {k[t - 1]:.2f});\n"
+        "the dense term is its gradient at fixed s_t, not its value in the return",
         (t + 0.45, kl_t),
         xytext=(6, 0),
         textcoords="offset points",
-        fontsize=7,
+        fontsize=8,
         va="center",
         bbox=dict(boxstyle="round", fc="white", alpha=0.85),
     )

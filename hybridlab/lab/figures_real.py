@@ -68,6 +68,10 @@ def plot_compare(
                             (student_sampled, "student before training (sampled)", ":")):  # fmt: skip
         if v is not None:
             axes[0].axhline(v, color="k", ls=style, lw=1, label=label)
+    # line widths and markers carry the second meaning, the same for every method: say so in the legend
+    axes[0].plot([], [], color="0.45", alpha=0.35, lw=1, label="thin, faint: one training step's batch")
+    axes[0].plot([], [], color="0.45", lw=2, label="thick: its 5-step running mean")
+    axes[1].plot([], [], "o", color="0.45", ms=4, label="dots: an evaluation on held-out questions")
     axes[0].set(title="Task reward of the training samples", xlabel="responses sampled",
                 ylabel="exact match (T=1)", ylim=(-0.02, 1.02))  # fmt: skip
     axes[1].set(title="KL to the teacher (dots: eval)", xlabel="responses sampled",

@@ -30,6 +30,15 @@ from .method_rules import (
     ppo_kl_reward_loss,
     trl_distillation_loss,
 )
+from .method_rules_2026 import (
+    additive_opd_loss,
+    gopd_loss,
+    kdrl_loss,
+    opdvr_loss,
+    sequential_loss,
+    trust_loss,
+    vopd_loss,
+)
 
 
 @dataclass
@@ -52,7 +61,12 @@ class MethodCheck:
 
 
 def _setting_str(kwargs: dict) -> str:
-    return ", ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v:g}" for k, v in kwargs.items())
+    def show(v):
+        return (
+            repr(v) if isinstance(v, str) else f"{v:g}" if isinstance(v, (int, float)) else type(v).__name__
+        )
+
+    return ", ".join(f"{k}={show(v)}" for k, v in kwargs.items() if v is not None)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -74,13 +88,72 @@ class MethodRow:
     setting_fn: Callable = hybrid_loss  # what `setting` is passed to (a negative control for some rows)
     setting_text: str | None = None  # how the setting reads in the table (default: the options)
     tol: float = 1e-10  # the agreement `match` must reach (float64 rules: rounding; TRL's float32 code: 1e-5)
+    wrong_fn: Callable = hybrid_loss  # what `wrong` is passed to
+    j_reward: Callable | None = None  # teacher -> the reward of this row's J (default: the toy's reward)
 
 
-def method_rows(*, lam: float = 1.0, beta: float = 0.5, group_size: int = 2) -> list[MethodRow]:
+def gated_hybrid(student_logits, teacher_logits, actions, rewards, *, beta: float, gate: float, **kw):
+    """`TrainConfig(dense_gate="incorrect", gate_reward=gate)`: hybrid_loss with beta_b = beta 1[R_b < gate]."""
+    beta_b = beta * (rewards < gate).to(DTYPE)
+    return hybrid_loss(student_logits, teacher_logits, actions, rewards, beta=beta_b, **kw)
+
+
+def extrapolated_teacher(
+    student_logits, teacher_logits, actions, rewards, *, lam_x: float, reference=None, **kw
+):
+    """hybrid_loss against the per-token extrapolated teacher, logits lam_x log pi_T + (1 - lam_x) log pi_ref
+    (renormalised by the softmax); `reference` None: uniform."""
+    logq = torch.log_softmax(teacher_logits.to(DTYPE), -1)
+    logr = torch.log_softmax(
+        torch.zeros_like(logq) if reference is None else reference(actions).to(DTYPE), -1
+    )
+    return hybrid_loss(student_logits, lam_x * logq + (1 - lam_x) * logr.detach(), actions, rewards, **kw)
+
+
+def teacher_success(teacher: nn.Module, space: E.SequenceSpace, reward: Callable, gate: float) -> float:
+    """p_T = P_{y ~ pi_T}(R(y) >= gate), exactly over the enumeration (what teacher trust estimates by sampling)."""
+    with torch.no_grad():
+        p = E.sequence_probs(teacher, space)
+        return float((p * (reward(space.actions, space.mask) >= gate).to(DTYPE)).sum())
+
+
+def _log_ratio_reward(reference) -> Callable:
+    """teacher -> R(y) = log pi_T(y) - log pi_ref(y): the reward of G-OPD's J, written as hybridlab's J."""
+
+    def make(teacher):
+        def reward(actions, mask):
+            with torch.no_grad():
+                logq = E.token_logprobs(teacher, actions, mask).sum(1)
+                if reference is None:
+                    v = teacher(actions).shape[-1]
+                    return logq + mask.sum(1).to(DTYPE) * torch.log(torch.tensor(float(v), dtype=DTYPE))
+                return logq - E.token_logprobs(reference, actions, mask).sum(1)
+
+        return reward
+
+    return make
+
+
+def method_rows(
+    *,
+    lam: float = 1.0,
+    beta: float = 0.5,
+    group_size: int = 2,
+    gate: float = 0.0,
+    success: float = 0.5,
+    reference: nn.Module | None = None,
+    lam_x: float = 1.5,
+) -> list[MethodRow]:
     """Every related method of the map, as rows (GKD, TRL distillation, on-policy distillation, MiniLLM, GRPO,
-    PPO-RLHF, this paper's hybrid). Distillation rows use J with lam = 0, beta = 1; GRPO without its KL term
-    uses J = lam E[R]."""
+    PPO-RLHF, this paper's hybrid, then the 2026 family that mixes a teacher with a reward). Distillation rows use
+    J with lam = 0, beta = 1; GRPO without its KL term uses J = lam E[R].
+
+    gate: a response with R < gate is incorrect (KDRL, OPDVR, the dense gate); success: the teacher's success rate
+    p_T (teacher trust; `method_map` measures it exactly); reference, lam_x: G-OPD's reference policy (None:
+    uniform) and reward scale."""
     g = group_size
+    shrunk = lam * (g - 1) / g  # the group mean includes the sample: a leave-one-out baseline times (G-1)/G
+    myopic_g = dict(lam=shrunk, beta=beta, future="none", baseline="reward_group", group_size=g)
     distill = dict(lam=0.0, beta=1.0)
     grpo_kw = dict(
         beta=0.0, lam=lam * (g - 1) / g, baseline="reward_group", group_size=g, normalize="per_sequence"
@@ -159,12 +232,12 @@ def method_rows(*, lam: float = 1.0, beta: float = 0.5, group_size: int = 2) -> 
         MethodRow(
             "MiniLLM with length normalisation",
             partial(minillm_loss, beta=1.0, length_normalize=True),
-            None,
+            dict(**distill, future="k1", future_norm="mean"),
             dict(**distill, future="k1"),
             (0.0, 1.0),
             False,
-            "the future sum becomes a mean over the remaining tokens: a different objective (not a discount)",
-            setting_text="not expressible: hybridlab discounts geometrically; a mean over remaining tokens is not",
+            "the future sum becomes a mean over the remaining tokens (TOP-D's length-neutral return): ending early "
+            "no longer lowers it, but it is the gradient of no fixed objective",
         ),
         MethodRow(
             f"GRPO, no KL term, no std scaling (group of {g})",
@@ -220,6 +293,112 @@ def method_rows(*, lam: float = 1.0, beta: float = 0.5, group_size: int = 2) -> 
             True,
             "exact: grad J",
         ),
+        # -- the 2026 family: a teacher and a reward together
+        MethodRow(
+            f"Additive advantage A_RL - beta k1 (slime, verl, Tinker, AReaL, prime-rl; group of {g})",
+            partial(additive_opd_loss, lam=lam, beta=beta, group_size=g),
+            myopic_g,
+            {**myopic_g, "future": "analytic"},
+            (shrunk, beta),
+            False,
+            "the sampled k_t has the dense term's mean: myopic (no future KL), so biased once a reward is mixed "
+            "in (J's lam is the group mean's (G-1)/G lam)",
+            batch=True,
+        ),
+        MethodRow(
+            f"KDRL: GRPO + k2 KD loss masked on correct responses (R >= {gate:g}; group of {g})",
+            partial(kdrl_loss, lam=lam, beta=beta, group_size=g, gate=gate),
+            None,
+            {**myopic_g, "gate": gate},
+            (shrunk, beta),
+            False,
+            "myopic, and the mask depends on the response: no fixed objective. The nearest setting, "
+            "dense_gate='incorrect' (the wrong-setting column), gates the analytic KL_t: another mean",
+            batch=True,
+            setting_text="not expressible: dense_gate gates the analytic KL_t, KDRL the sampled k2 (the gate "
+            "depends on y_t, so the means differ)",
+            wrong_fn=gated_hybrid,
+        ),
+        MethodRow(
+            f"OPDVR: lam R + verifier-gated log-ratio (-beta k_t where R < {gate:g})",
+            partial(opdvr_loss, lam=lam, beta=beta, gate=gate),
+            None,
+            dict(lam=lam, beta=beta, future="none", gate=gate),
+            (lam, beta),
+            False,
+            "KDRL's mask on the sampled log-ratio (per sample the same gradient as the gated k2): myopic, gated, "
+            "biased; the wrong-setting column is dense_gate='incorrect'",
+            setting_text="not expressible: dense_gate gates the analytic KL_t, not the sampled log-ratio",
+            wrong_fn=gated_hybrid,
+        ),
+        MethodRow(
+            f"G-OPD / ExOPD: reward lam_x log(pi_T / pi_ref), lam_x = {lam_x:g} (per token, discount 0)",
+            partial(gopd_loss, lam_x=lam_x, reference=reference),
+            dict(lam=0.0, beta=1.0, future="none", lam_x=lam_x, reference=reference),
+            dict(**distill, future="none"),
+            (lam_x - 1.0, 1.0),
+            False,
+            "per token it is myopic distillation towards the extrapolated teacher pi_T^lam_x pi_ref^(1-lam_x); its J "
+            "is hybridlab's with reward log(pi_T / pi_ref)(y), lam = lam_x - 1, beta = 1 (the exact estimator "
+            "follows that J; the per-token rule misses its future terms)",
+            setting_fn=extrapolated_teacher,
+            setting_text=f"hybrid_loss(lam=0, beta=1, future='none') against the teacher logits {lam_x:g} log pi_T "
+            f"+ {1 - lam_x:g} log pi_ref (a transformed teacher; no TrainConfig key)",
+            j_reward=_log_ratio_reward(reference),
+        ),
+        MethodRow(
+            f"dGRPO: GRPO with the teacher as its KL anchor (k3 in the loss, beta_KL = {beta:g}; group of {g})",
+            partial(grpo_loss, lam=lam, group_size=g, beta_kl=beta),
+            {**grpo_kw, "beta": beta},
+            {**grpo_kw, "beta": beta},
+            (lam, beta),
+            False,
+            "the 'GRPO with its KL' row with the teacher as reference (written from its description): the k3 loss "
+            "follows the forward KL per state, not the reverse KL of J",
+            batch=True,
+            setting_fn=C.CONTROLS["k3_loss"],
+            setting_text="controls.kl_as_loss(kind='k3', ...) with the GRPO options (a negative control)",
+        ),
+        MethodRow(
+            "vOPD: sampled-token OPD minus its value baseline -beta KL_t(s_t)",
+            partial(vopd_loss, beta=1.0),
+            dict(**distill, future="none"),
+            dict(**distill, future="k1"),
+            (0.0, 1.0),
+            False,
+            "the baseline keeps OPD's mean (the dense term's: myopic); it lowers the variance with a sharp teacher "
+            "far from the student, not always near it; the analytic KL_t has less than both",
+        ),
+        MethodRow(
+            "Sequential OPD -> RL, phase 1 (distil: lam = 0)",
+            partial(sequential_loss, step=0, switch_step=1, lam=lam, beta=beta),
+            dict(lam=0.0, beta=beta, future="none"),
+            dict(lam=lam, beta=beta, future="none"),
+            (0.0, beta),
+            False,
+            "phase 1 is OPD (myopic, right fixed point for pure imitation); TrainConfig lam_schedule='switch' "
+            "(lam 0 -> lam_final), beta_schedule='switch' (beta -> 0) at switch_step",
+        ),
+        MethodRow(
+            "Sequential OPD -> RL, phase 2 (RL: beta = 0)",
+            partial(sequential_loss, step=1, switch_step=1, lam=lam, beta=beta),
+            dict(lam=lam, beta=0.0),
+            dict(lam=lam, beta=beta, future="none"),
+            (lam, 0.0),
+            True,
+            "phase 2 is REINFORCE: exact for its J = lam E[R]; each phase follows its own J, the run no single one",
+        ),
+        MethodRow(
+            f"Teacher trust (preset hybrid_trust): myopic hybrid, beta x p_T = {beta:g} x {success:.3f}",
+            partial(trust_loss, lam=lam, beta=beta, success=success),
+            dict(lam=lam, beta=beta * success, future="none"),
+            dict(lam=lam, beta=beta, future="none"),
+            (lam, beta * success),
+            False,
+            "myopic for J with beta p_T (keeping the future KL makes it exact for that J); per prompt, "
+            "beta_x = beta p_T(x) is the gradient of E_x[lam E R - beta_x KL_x]",
+            setting_text=f"teacher_trust='per_prompt', future='none': beta={beta * success:.4g}",
+        ),
     ]
 
 
@@ -251,9 +430,12 @@ def check_row(
         return C.exact_moments(loss_fn, *ctx_g, group_size=group_size, **kw)["mean"]
 
     lam_j, beta_j = row.j_weights
-    grad_j = E.exact_gradient(*(ctx_g if row.batch else ctx), lam=lam_j, beta=beta_j)
+    j_ctx = list(ctx_g if row.batch else ctx)
+    if row.j_reward is not None:
+        j_ctx[3] = row.j_reward(teacher)
+    grad_j = E.exact_gradient(*j_ctx, lam=lam_j, beta=beta_j)
     e_rule = evaluate(row.rule)
-    e_wrong = evaluate(hybrid_loss, **row.wrong)
+    e_wrong = evaluate(row.wrong_fn, **row.wrong)
     if row.setting is None:
         match, setting = float("nan"), row.setting_text
     else:
@@ -283,13 +465,17 @@ def method_map(
     group_size: int = 2,
     group_space: E.SequenceSpace | None = None,
     group_reward: Callable | None = None,
+    gate: float = 0.0,
+    reference: nn.Module | None = None,
+    lam_x: float = 1.5,
 ) -> list[MethodCheck]:
-    """Check every row of `method_rows` on one toy, exactly (see `check_row`)."""
+    """Check every row of `method_rows` on one toy, exactly (see `check_row`); the teacher's success rate for
+    teacher trust is measured exactly on the toy (`teacher_success` with `gate`)."""
     ctx = dict(group_size=group_size, group_space=group_space, group_reward=group_reward)
-    return [
-        check_row(row, student, teacher, space, reward, **ctx)
-        for row in method_rows(lam=lam, beta=beta, group_size=group_size)
-    ]
+    p_t = teacher_success(teacher, space, reward, gate)
+    rows = method_rows(lam=lam, beta=beta, group_size=group_size, gate=gate, success=p_t, reference=reference,
+                       lam_x=lam_x)  # fmt: skip
+    return [check_row(row, student, teacher, space, reward, **ctx) for row in rows]
 
 
 @dataclass

@@ -31,6 +31,19 @@ The rules (on-policy step: importance ratios are 1 and clipping is inactive):
 ``dpo_loss``            DPO (Rafailov et al. 2023), population loss over every pair of responses with
                         Bradley-Terry preferences sigma(lam R_i - lam R_j): sequence-level, offline.
 
+The 2026 family (combining a teacher with a reward; each written from the formula its paper or documentation
+states, at the on-policy step; what could not be checked against the source is said in the docstring) lives in
+`hybridlab.lab.method_rules_2026`, with the same calling convention:
+
+``additive_opd_loss``   slime / verl / Tinker / AReaL / prime-rl: A_t = A_RL - beta k_t (sampled token, discount 0).
+``kdrl_loss``           KDRL (Xu et al. 2025): GRPO advantage + the k2 KD loss, masked on correct responses.
+``opdvr_loss``          OPDVR: lam R plus the sampled-token log-ratio advantage on responses the verifier rejects.
+``gopd_loss``           G-OPD / ExOPD (Yang et al. 2026): reward lam_x log(pi_T / pi_ref) - log(pi / pi_ref).
+``vopd_loss``           vOPD (Oh et al. 2026): OPD minus its closed-form value baseline -beta KL_t(s_t).
+``sequential_loss``     distil, then RL: OPD for the first `switch_step` updates, then REINFORCE on lam R.
+``trust_loss``          teacher trust: the myopic hybrid with beta scaled by the teacher's success rate p_T.
+dGRPO (GRPO whose KL anchor is the teacher) is ``grpo_loss`` with ``beta_kl`` (this map's reference is the teacher).
+
 `hybridlab.lab.method_map` checks every rule against its hybridlab setting, a deliberately wrong setting (the
 negative control) and grad J, exactly.
 """

@@ -176,6 +176,15 @@ def _has_positive(ax) -> bool:
     return False
 
 
+def _spaced(marks: Sequence[tuple[int, str]], span: int, gap: float = 0.06) -> list[tuple[int, str]]:
+    """The marks whose labels fit: each `gap` of the x range from the next labelled one (the newest always)."""
+    kept: list[tuple[int, str]] = []
+    for step, label in reversed(list(marks)):
+        if not kept or kept[-1][0] - step >= gap * span:
+            kept.append((step, label))
+    return kept[::-1]
+
+
 class _Dashboard:
     """The lab's live figure: 7 time series and the current distribution over the 15 responses."""
 
@@ -186,19 +195,21 @@ class _Dashboard:
         ("objective", ("objective",)),
         ("norms", ("dense_norm", "sparse_norm")),
         ("cosine", ("cosine",)),
-        ("grad_var", ("grad_var",)),
+        ("grad_var", ("grad_var", "hack")),  # sampled mode: the variance; exact mode (no noise): P(bbb)
     )
+    FONT = 10  # the smallest font (pt): 11 px at dpi 80, still >= 9 px when shown at 85% in a ~1000 px window
 
     def __init__(self, labels: Sequence[str], loophole_index: int):
-        self.fig = Figure(figsize=(12.5, 6.0), dpi=80)
+        self.fig = Figure(figsize=(12.5, 6.4), dpi=80)  # 1000 x 512 px
         FigureCanvasAgg(self.fig)
         axes = self.fig.subplots(2, 4).ravel()
         # A fixed layout: a layout engine would re-measure every label at every redraw (2x slower).
-        self.fig.subplots_adjust(left=0.06, right=0.99, top=0.94, bottom=0.14, wspace=0.42, hspace=0.45)
+        self.fig.subplots_adjust(left=0.065, right=0.99, top=0.93, bottom=0.15, wspace=0.45, hspace=0.5)
         self.axes: dict[str, object] = {}
         self.lines: dict[str, object] = {}
         self.ghosts: dict[str, object] = {}  # the run before the last reset, drawn faintly for comparison
-        colors = {"dense_norm": "C0", "sparse_norm": "C1"}
+        colors = {"dense_norm": "C0", "sparse_norm": "C1", "hack": "C3"}
+        f = self.FONT
         for ax, (panel, keys) in zip(axes, self.SERIES):
             self.axes[panel] = ax
             for key in keys:
@@ -210,42 +221,49 @@ class _Dashboard:
                 )
             # the colours are named in the title: no legend box over the curves
             title = "‖dense‖ (blue), ‖sparse‖ (orange)" if panel == "norms" else _TITLES[panel]
-            ax.set_title(title, fontsize=10)
-            ax.set_ylabel(_YLABELS[panel], fontsize=9)
-            ax.tick_params(labelsize=9)
+            ax.set_title(title, fontsize=f + 1)
+            ax.set_ylabel(_YLABELS[panel], fontsize=f)
+            ax.tick_params(labelsize=f)
             ax.grid(alpha=0.3)
         self.axes["cosine"].set_ylim(-1.05, 1.05)
         self.var_note = self.axes["grad_var"].text(
             0.5, 0.5, "exact mode:\nno sampling noise", ha="center", va="center",
-            transform=self.axes["grad_var"].transAxes, fontsize=10, color="0.4",
+            transform=self.axes["grad_var"].transAxes, fontsize=f, color="0.4",
         )  # fmt: skip
         self.cos_note = self.axes["cosine"].text(
-            0.97, 0.04, "", ha="right", va="bottom", transform=self.axes["cosine"].transAxes, fontsize=8,
+            0.97, 0.04, "", ha="right", va="bottom", transform=self.axes["cosine"].transAxes, fontsize=f,
             color="0.4",
         )  # fmt: skip
         for panel in ("norms", "cosine", "grad_var", "objective"):
-            self.axes[panel].set_xlabel("optimiser step", fontsize=9)
+            self.axes[panel].set_xlabel("optimiser step", fontsize=f)
         ax = self.axes["dist"] = axes[7]
         x = np.arange(len(labels))
         self.bars = ax.bar(x, np.zeros(len(labels)), color="C0", alpha=0.75, label="π_θ")
         (self.teacher_marks,) = ax.plot(x, np.zeros(len(labels)), "k_", ms=10, mew=2, label="π_T")
         (self.opt_marks,) = ax.plot(x, np.zeros(len(labels)), "o", color="C3", ms=4, label="π*")
-        ax.set_xticks(x, labels, rotation=90, fontsize=9, family="monospace")
+        ax.set_xticks(x, labels, rotation=90, fontsize=f, family="monospace")
         ax.get_xticklabels()[loophole_index].set_color("C3")
-        ax.set_title("π_θ (bars), π_T (—), π* (•)", fontsize=10)
-        ax.set_ylabel(_YLABELS["dist"], fontsize=9)
-        ax.tick_params(axis="y", labelsize=9)
+        ax.set_title("π_θ (bars), π_T (—), π* (•)", fontsize=f + 1)
+        ax.set_ylabel(_YLABELS["dist"], fontsize=f)
+        ax.tick_params(axis="y", labelsize=f)
         self.mark_artists: list = []
         self.fig.text(
             0.005,
             0.005,
             "faint: the run before the last Reset · dotted: a setting changed",
-            fontsize=8,
+            fontsize=f,
             color="0.4",
         )
 
-    def update(self, history, marks, dist, teacher, optimum, previous) -> None:
+    def update(self, history, marks, dist, teacher, optimum, previous, mode: str = "exact") -> None:
         steps = np.asarray(history["step"], dtype=float)
+        exact = mode == "exact"  # no sampling noise: the variance panel shows the loophole's mass instead
+        for key in ("grad_var", "hack"):
+            shown = (key == "hack") == exact
+            self.lines[key].set_visible(shown)
+            self.ghosts[key].set_visible(shown)
+        self.axes["grad_var"].set_title(_TITLES["hack" if exact else "grad_var"], fontsize=self.FONT + 1)
+        self.axes["grad_var"].set_ylabel(_YLABELS["hack" if exact else "grad_var"], fontsize=self.FONT)
         for key, line in self.lines.items():
             line.set_data(steps, _series(history, key))
             self.ghosts[key].set_data(np.asarray(previous["step"], dtype=float), _series(previous, key))
@@ -269,22 +287,22 @@ class _Dashboard:
                 rotation=90,
                 va="top",
                 ha="right",
-                fontsize=7,
+                fontsize=self.FONT,
                 color="0.35",
                 transform=self.axes["reward"].get_xaxis_transform(),
                 clip_on=True,
             )
-            for step, label in marks
+            for step, label in _spaced(marks, max(len(steps), len(previous["step"]), 1))
         ]
         var = np.asarray(history["grad_var"] + previous["grad_var"], dtype=float)
-        positive = var[np.isfinite(var) & (var > 0)]
+        positive = var[np.isfinite(var) & (var > 0)] if not exact else var[:0]
         self.axes["grad_var"].set_yscale("log" if positive.size else "linear")
-        self.var_note.set_visible(not positive.size)
+        self.var_note.set_visible(not positive.size and not exact)
         for panel, ax in self.axes.items():
             if panel == "dist":
                 continue
             ax.set_xlim(0.5, max(len(steps), len(previous["step"]), 1) + 0.5)
-            ax.relim()
+            ax.relim(visible_only=True)
             ax.autoscale_view(scalex=False, scaley=panel != "cosine")
         if positive.size:  # a deterministic policy gives ~1e-30 variances: keep 6 decades in view
             top = positive.max()
@@ -337,6 +355,7 @@ class MixingLab(MixingModel):
             self.teacher_distribution().numpy(),
             None if optimum is None else optimum.numpy(),
             self.previous,
+            self.settings["mode"],
         )
         return self._dashboard
 
@@ -434,13 +453,15 @@ class MixingLab(MixingModel):
             "beta": "weight of KL(student || teacher) in J",
             "gamma": "discount of the future KL in the return (< 1 changes the objective)",
             "future": "estimator of the future KL: analytic (Rao-Blackwell), k1, k3, none (myopic)",
-            "baseline": "sampled mode: leave-one-out group baseline on R only, or on the whole return",
+            "baseline": "sampled mode only (an exact expectation has no noise to reduce): leave-one-out group "
+            "baseline on R only, or on the whole return",
+            "samples": "sampled mode only: responses per Monte Carlo batch",
             "mode": "exact: expected gradient over all 15 responses; sampled: Monte Carlo batches",
             "reward": "count0: fraction of 'a'; loophole: count0 but 'bbb' scores 2; random: N(0,1) table",
         }
         for name, control in controls.items():
             control.style = style
-            control.layout = W.Layout(width="340px")
+            control.layout = W.Layout(width="320px")
             control.tooltip = tips.get(name)
             control.add_class(f"hybridlab-{name}")
             control.observe(self._on_control, names="value")
@@ -457,18 +478,22 @@ class MixingLab(MixingModel):
         buttons["reset"].on_click(lambda _: self._guarded(self.reset))
         status = W.HTML(layout=W.Layout(width="340px"))
         status.add_class("hybridlab-status")
-        image = W.Image(format="png", layout=W.Layout(flex="1 1 600px", min_width="0", max_width="900px"))
+        # The figure takes the full width under the controls (1000 px wide, never stretched beyond its size):
+        # beside them it would be shrunk to ~60% on a laptop screen and its labels would become unreadable.
+        image = W.Image(format="png", layout=W.Layout(width="100%", max_width="1000px", min_width="0"))
         image.add_class("hybridlab-figure")
-        panel = W.VBox(
-            layout=W.Layout(flex="0 0 350px"),
+        names = list(controls)
+        column = {"layout": W.Layout(flex="0 1 330px")}
+        panel = W.HBox(
+            layout=W.Layout(flex_flow="row wrap", align_items="flex-start"),
             children=[
-                W.HTML("<b>Mixing-weights lab</b> &nbsp; J = λ E[R] − β KL(π‖π<sub>T</sub>)"),
-                *controls.values(),
-                W.HBox(list(buttons.values())),
-                status,
+                W.VBox([controls[n] for n in names[:6]], **column),
+                W.VBox([controls[n] for n in names[6:]], **column),
+                W.VBox([W.HBox(list(buttons.values())), status], **column),
             ],
         )
-        widget = W.HBox([panel, image], layout=W.Layout(flex_flow="row wrap", align_items="flex-start"))
+        title = W.HTML("<b>Mixing-weights lab</b> &nbsp; J = λ E[R] − β KL(π‖π<sub>T</sub>)")
+        widget = W.VBox([title, panel, image], layout=W.Layout(align_items="stretch"))
         widget.add_class("hybridlab-mixing-lab")
         self._widgets = {"controls": controls, "buttons": buttons, "status": status, "image": image,
                          "widget": widget}  # fmt: skip
@@ -500,6 +525,9 @@ class MixingLab(MixingModel):
                     control.min = min(control.min, value)
                     control.max = max(control.max, value)
                 control.value = value
+            exact = self.settings["mode"] == "exact"
+            for name in ("baseline", "samples"):  # they do nothing in exact mode: greyed out there
+                self.controls[name].disabled = exact
         finally:
             self._syncing = False
 

@@ -92,6 +92,36 @@ def answers(model, tokenizer, rows: Sequence[dict], *, samples: int = 1, greedy:
             for q, r, x in zip(ro.prompts, ro.texts, ro.rewards.tolist())]  # fmt: skip
 
 
+def as_cell(text: str, limit: int = 60) -> str:
+    """A model's response as plain text for one Markdown table cell: line breaks shown as ' ⏎ ', '|' and
+    backticks escaped, an empty response as '(empty)', long ones cut at `limit` characters with '…'."""
+    if not text.strip():
+        return "(empty)"
+    t = " ⏎ ".join(line.strip() for line in text.strip().splitlines())
+    t = t if len(t) <= limit else t[: limit - 1].rstrip() + "…"
+    return (
+        t.replace("\\", "\\\\")
+        .replace("|", "\\|")
+        .replace("`", "\\`")
+        .replace("*", "\\*")
+        .replace("_", "\\_")
+    )
+
+
+def answers_table(greedy: Sequence[dict], sampled: Sequence[dict], per_question: int = 1) -> str:
+    """Markdown: one row per question, its greedy answer and the first of its `per_question` sampled answers
+    (`answers` dicts), each as plain text (`as_cell`) with its reward."""
+    lines = [
+        "| question | greedy answer | reward | a sampled answer (T=1) | reward |",
+        "|---|---|---|---|---|",
+    ]
+    for i, g in enumerate(greedy):
+        s = sampled[per_question * i]
+        lines.append(f"| {as_cell(g['question'])} | {as_cell(g['response'])} | {g['reward']:.0f} | "
+                     f"{as_cell(s['response'])} | {s['reward']:.0f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def accuracy(results: Sequence[dict]) -> float:
     if not results:
         raise ValueError("accuracy of no responses")

@@ -24,6 +24,10 @@ Future = Literal["analytic", "k1", "k3", "none"]
 Baseline = Literal["none", "reward_group", "return_group"]
 Scheduler = Literal["constant", "linear", "cosine"]
 Backend = Literal["auto", "torch", "triton"]
+WeightSchedule = Literal["constant", "linear", "cosine", "switch", "plateau"]
+Trust = Literal["none", "global", "per_prompt"]
+Gate = Literal["none", "incorrect"]
+FutureNorm = Literal["sum", "mean"]
 NORMALIZATIONS = ("sequences", "tokens", "per_sequence")  # == hybridlab.hybrid.NORMALIZATIONS (a test checks)
 
 #: The methods of the comparison as named presets (each applies these settings on top of the others).
@@ -38,6 +42,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "rl_only": {"loss": "hybrid", "beta": 0.0, "future": "none", "baseline": "reward_group"},
     # dense + sparse with the analytic future KL and a baseline on the whole return
     "hybrid": {"loss": "hybrid", "future": "analytic", "baseline": "return_group"},
+    # myopic hybrid (dense KL + reward policy gradient, no future KL) with beta scaled per prompt by the
+    # teacher's measured success rate: the gradient of E_x[lam E_y R - beta p_T(x) sum_t KL_t] with the future
+    # KL dropped (biased for that objective, as the myopic rule is for J); see the `teacher_trust` key
+    "hybrid_trust": {
+        "loss": "hybrid",
+        "future": "none",
+        "baseline": "reward_group",
+        "teacher_trust": "per_prompt",
+    },
 }
 METHODS = tuple(PRESETS)
 
@@ -53,12 +66,23 @@ class TrainConfig:
     # -- models and data
     student: str = _f("", "student model folder (safetensors); a hub name only where you have network")
     teacher: str = _f("", "teacher model folder; must cover the student's vocabulary")
+    teacher_url: str | None = _f(
+        None, "a teacher served by `python -m hybridlab.serve_teacher` (e.g. http://127.0.0.1:8000), instead of "
+        "`teacher`: its hidden states (or top-k log-probs) come over HTTP",
+    )  # fmt: skip
+    teacher_token_file: str | None = _f(None, "file holding the teacher server's token (its --token-file)")
+    teacher_timeout: float = _f(60.0, "seconds to wait for one answer of the teacher server")
+    teacher_retries: int = _f(3, "retries (backoff 0.5 s, 1 s, 2 s, ...) before a teacher request fails")
+    teacher_topk: int | None = _f(
+        None, "use only the teacher's top-k log-probs per position (a tail-bucket lower bound on the KL; needs "
+        "fused_linear=true): for a served teacher whose LM head is too large to ship",
+    )  # fmt: skip
     tokenizer: str | None = _f(None, "tokenizer folder; unset: the student's folder")
     prompts: str = _f("", 'JSONL of training prompts, one {"prompt": str, "answer": str (optional)} per line')
     eval_prompts: str | None = _f(
         None, "JSONL of evaluation prompts (same format); evaluated every eval_every steps"
     )
-    reward: str = _f("hybridlab.rewards:exact_match", "reward function as 'module:function'")
+    reward: str = _f("hybridlab.tasks.rewards:exact_match", "reward function as 'module:function'")
     trust_remote_code: bool = _f(False, "allow running Python code shipped in a model folder")
     chat_template: bool = _f(False, "wrap each prompt as a user turn with the tokenizer's chat template")
     teacher_prompt: str | None = _f(
@@ -66,7 +90,11 @@ class TrainConfig:
         "the teacher's own prompt, a template with {prompt} (and optionally {answer}), e.g. worked examples + "
         "'{prompt}': the teacher scores the student's response after it (context distillation)",
     )
-    max_prompt_tokens: int | None = _f(None, "truncate prompts from the left to this many tokens")
+    max_prompt_tokens: int | None = _f(None, "truncate the student's prompts from the left to this many tokens")
+    max_teacher_prompt_tokens: int | None = _f(
+        None, "truncate the teacher's own prompts (teacher_prompt, teacher_messages) from the left to this many "
+        "tokens (unset: never; max_prompt_tokens does not apply to them)",
+    )  # fmt: skip
     # -- objective J = E[lam R] - beta KL(student || teacher) and its estimator
     loss: Loss = _f("hybrid", "hybrid (hybrid_loss), sft (cross-entropy on teacher samples), opd_sampled")
     lam: float = _f(1.0, "weight of the task reward in J")
@@ -82,6 +110,48 @@ class TrainConfig:
     )
     mask_truncated_completions: bool = _f(
         False, "leave responses that hit max_new_tokens without EOS out of the update (TRL's option)"
+    )
+    # -- weights over training, trust in the teacher, gating: each changes the objective (see SCHEDULES below)
+    lam_schedule: WeightSchedule = _f(
+        "constant", "lam over the run, from lam to lam_final: constant | linear | cosine | switch | plateau"
+    )
+    lam_final: float | None = _f(None, "lam at the end of a schedule (unset: lam, i.e. no change)")
+    beta_schedule: WeightSchedule = _f(
+        "constant",
+        "beta over the run, from beta to beta_final: constant | linear | cosine | switch | plateau",
+    )
+    beta_final: float | None = _f(None, "beta at the end of a schedule (unset: beta, i.e. no change)")
+    switch_step: int = _f(
+        0, "schedule 'switch': the first update with the final weights; 'plateau': the latest one (0: none)"
+    )
+    plateau_window: int = _f(
+        20, "schedule 'plateau': switch once the mean training reward over this many updates has not risen "
+        "by more than plateau_tol for this many updates",
+    )  # fmt: skip
+    plateau_tol: float = _f(0.01, "schedule 'plateau': the rise of the windowed mean reward that counts")
+    teacher_trust: Trust = _f(
+        "none", "scale beta by the teacher's success rate, estimated before training: none | global (beta x the "
+        "mean rate) | per_prompt (beta x the prompt's own rate)",
+    )  # fmt: skip
+    trust_samples: int = _f(8, "teacher samples per training prompt for teacher_trust")
+    trust_cache: str | None = _f(
+        None, "JSON file of the teacher's success rates (reused when it matches; unset: <output_dir>/"
+        "teacher_trust.json, or none without output_dir)",
+    )  # fmt: skip
+    dense_gate: Gate = _f(
+        "none",
+        "none | incorrect: the teacher terms only on responses with reward < gate_reward (KDRL, OPDVR)",
+    )
+    gate_reward: float = _f(1.0, "dense_gate='incorrect': a response with a reward below this is incorrect")
+    future_norm: FutureNorm = _f(
+        "sum", "sum (exact) | mean: the future KL per remaining token, length-neutral (not the gradient of J)"
+    )
+    grad_diagnostics: bool = _f(
+        False, "log the dense, reward and future-KL gradient norms and cosines (extra backward passes)"
+    )
+    shortcut_window: int = _f(
+        20,
+        "warn when, over two windows of this many updates, response length and KL both fall by > 10% (0: off)",
     )
     # -- optimisation
     lr: float = _f(1e-5, "AdamW learning rate")
@@ -155,12 +225,18 @@ class TrainConfig:
     def validate(self, given: tuple[str, ...] = ()) -> TrainConfig:
         """Raise ValueError naming the key and the value for anything out of range; `given` names the objects
         (student, teacher, prompts) handed to the Trainer directly instead of as paths."""
+        from ..teacher_service.settings import check_teacher_settings  # no torch: still fast
+
+        check_teacher_settings(self, given)
         for name in ("student", "teacher", "prompts", "reward"):
+            if name == "teacher" and self.teacher_url:
+                continue
             if name not in given and not getattr(self, name):
                 raise ValueError(
                     f"{name} must be set (a {'dotted name' if name == 'reward' else 'path'}), got ''"
                 )
-        for name in ("loss", "future", "baseline", "scheduler", "dense_backend"):
+        for name in ("loss", "future", "baseline", "scheduler", "dense_backend", "lam_schedule", "beta_schedule",
+                     "teacher_trust", "dense_gate", "future_norm"):  # fmt: skip
             allowed = get_args(_HINTS[name])
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
@@ -188,6 +264,7 @@ class TrainConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        self._validate_recipe()
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"gamma must lie in [0, 1], got {self.gamma!r}")
         if not (0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0):
@@ -199,7 +276,7 @@ class TrainConfig:
         for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "grad_accum",
                      "fused_chunk", "keep_checkpoints"):  # fmt: skip
             _positive(name, getattr(self, name))
-        for name in ("stop_after", "max_prompt_tokens", "cpu_threads", "eval_count"):
+        for name in ("stop_after", "max_prompt_tokens", "max_teacher_prompt_tokens", "cpu_threads", "eval_count"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
         if self.teacher_floor is not None and not (
@@ -234,14 +311,89 @@ class TrainConfig:
                 )
         return self
 
+    def _validate_recipe(self) -> None:
+        for name in ("lam_final", "beta_final", "gate_reward", "plateau_tol"):
+            v = getattr(self, name)
+            if v is not None and not math.isfinite(v):
+                raise ValueError(f"{name} must be finite, got {v!r}")
+        for name in ("lam_final", "beta_final", "plateau_tol", "switch_step", "shortcut_window"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise ValueError(f"{name} must be >= 0, got {v!r}")
+        _positive("trust_samples", self.trust_samples)
+        _positive("plateau_window", self.plateau_window)
+        for w in ("lam", "beta"):
+            kind = getattr(self, f"{w}_schedule")
+            if kind == "switch" and not 0 < self.switch_step:
+                raise ValueError(f"{w}_schedule='switch' needs switch_step > 0 (the first update with "
+                                 f"{w}_final), got switch_step={self.switch_step}")  # fmt: skip
+            if kind != "constant" and getattr(self, f"{w}_final") is None:
+                raise ValueError(f"{w}_schedule={kind!r} needs {w}_final (the weight it goes to)")
+        if self.grad_diagnostics and (self.fused_linear or self.loss != "hybrid"):
+            raise ValueError("grad_diagnostics=true needs loss='hybrid' and fused_linear=false")
+        if self.loss != "hybrid" and (self.teacher_trust != "none" or self.dense_gate != "none"
+                                      or self.future_norm != "sum"):  # fmt: skip
+            raise ValueError(f"teacher_trust, dense_gate and future_norm act on loss='hybrid' only, got "
+                             f"loss={self.loss!r}")  # fmt: skip
+
+    def weight_at(self, name: str, step: int, switched_at: int | None = None) -> float:
+        """lam or beta (`name`) at update `step` (0-based) under its schedule; `switched_at`: the update where a
+        'plateau' schedule switched (None: not yet). See SCHEDULES."""
+        return schedule_value(getattr(self, f"{name}_schedule"), getattr(self, name), getattr(self, f"{name}_final"),
+                              step, self.steps, self.switch_step, switched_at)  # fmt: skip
+
+
+def schedule_value(kind: str, start: float, end: float | None, step: int, steps: int, switch_step: int = 0,
+                   switched_at: int | None = None) -> float:  # fmt: skip
+    """A weight at update `step` (0-based) of `steps`: constant (start); linear / cosine from `start` at the first
+    update to `end` at the last; switch (`end` from update `switch_step` on); plateau (`end` from `switched_at`,
+    or from `switch_step` > 0 at latest)."""
+    if kind == "constant" or end is None:
+        return start
+    prog = min(1.0, step / max(1, steps - 1))
+    if kind == "linear":
+        return start + (end - start) * prog
+    if kind == "cosine":
+        return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * prog))
+    if kind == "switch":
+        return end if step >= switch_step else start
+    if kind == "plateau":
+        late = switch_step > 0 and step >= switch_step
+        return end if late or (switched_at is not None and step >= switched_at) else start
+    raise ValueError(f"schedule must be one of {list(get_args(WeightSchedule))}, got {kind!r}")
+
+
+#: What each setting optimises (documentation; the tests check the exact ones on an enumerable toy).
+SCHEDULES = """
+lam_schedule / beta_schedule: update k follows the gradient of J_k = lam_k E[R] - beta_k KL, the objective of
+  that step (the estimator stays unbiased for J_k); the run as a whole follows no single objective. constant: J;
+  linear / cosine: from (lam, beta) at the first update to (lam_final, beta_final) at the last; switch: the final
+  weights from update switch_step on ("distil, then RL": lam 0 -> lam_final, beta -> 0); plateau: the same switch
+  when the training reward's windowed mean stops rising (plateau_window, plateau_tol), at switch_step at latest.
+teacher_trust: per_prompt: beta_x = beta p_T(x), p_T(x) the teacher's success rate on the prompt (trust_samples
+  samples at temperature 1, drawn once before training): the gradient of E_x[lam E_y R - beta_x KL_x], exactly
+  with the future KL kept; global: beta x the mean rate, i.e. J with a smaller beta.
+dense_gate: incorrect: the teacher's terms count only on responses with R < gate_reward. The gate depends on the
+  response, so it is not the gradient of E[lam R - beta 1[R < g] log(pi / pi_T)]: a heuristic, biased (measured
+  on the enumerable toy in tests/test_recipe.py).
+future_norm: mean: the future KL over the remaining (discounted) token count: length-neutral, not the gradient
+  of J nor of any fixed objective (its bias against grad J is measured in tests/test_recipe.py).
+"""
+
 
 _NAMES = [f.name for f in fields(TrainConfig)]
+_OPTIONAL_STR = [f.name for f in fields(TrainConfig) if f.type in ("str | None", str | None)]
 _HINTS = {
     "loss": Loss,
     "future": Future,
     "baseline": Baseline,
     "scheduler": Scheduler,
     "dense_backend": Backend,
+    "lam_schedule": WeightSchedule,
+    "beta_schedule": WeightSchedule,
+    "teacher_trust": Trust,
+    "dense_gate": Gate,
+    "future_norm": FutureNorm,
 }
 
 
@@ -301,14 +453,37 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     for k in data:
         if k not in _NAMES:
             raise ValueError(_unknown(str(k), f"config {str(p)!r}"))
-    return data
+    return {k: expand_env(v) if k in _PATH_KEYS and isinstance(v, str) else v for k, v in data.items()}
+
+
+#: config keys holding paths, where a YAML file may write ${VAR} or ${VAR:-default} (relative paths are taken
+#: from the working directory, the repository root for the shipped configs)
+_PATH_KEYS = ("student", "teacher", "tokenizer", "prompts", "eval_prompts", "output_dir", "trust_cache")
+
+
+def expand_env(value: str) -> str:
+    """`${VAR}` / `${VAR:-default}` in a path from a config file: the variable when it is set and not empty,
+    else the default (ValueError naming the variable when there is none)."""
+    import os
+    import re
+
+    def sub(m: re.Match) -> str:
+        name, default = m.group(1), m.group(3)
+        got = os.environ.get(name, "").strip()
+        if got:
+            return got
+        if default is None:
+            raise ValueError(f"config path {value!r} uses ${{{name}}}, which is not set (or write ${{{name}:-default}})")
+        return default
+
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}", sub, value)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
     """(validated config, namespace with .config / .preset / .resume) from command-line arguments."""
     import sys
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _negative_values(list(sys.argv[1:] if argv is None else argv))
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
     pre.add_argument("--preset")
@@ -333,8 +508,31 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
             k, _, v = a.partition("=")
             raise ValueError(f"unexpected argument {a!r}: give config keys as flags, e.g. --{k} {v}")
         raise ValueError(f"unexpected argument {a!r}")
-    cfg = TrainConfig(**{k: getattr(ns, k) for k in _NAMES})
+    given = {k: getattr(ns, k) for k in _NAMES}
+    for k in _OPTIONAL_STR:  # `--teacher_prompt null` (or None, ~) means unset, as `null` in a YAML file does
+        if given[k] in ("null", "None", "~"):
+            given[k] = None
+    cfg = TrainConfig(**given)
     return cfg.validate(), ns
+
+
+def _negative_values(argv: list[str]) -> list[str]:
+    """`--key -1e-3` as `--key=-1e-3`: argparse takes a value like "-1e-3" for an unknown flag."""
+    out: list[str] = []
+    for a in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and a.startswith("-") and _is_number(a):
+            out[-1] = f"{out[-1]}={a}"
+        else:
+            out.append(a)
+    return out
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
 
 
 def load_config(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import shutil
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -15,8 +18,17 @@ from typing import Any
 import torch
 
 from ..dense import dense_kl
+from ..topk import dense_kl_topk
 from . import loading
-from .checkpoint import CheckpointMixin, format_summary, latest_checkpoint, truncate_metrics
+from .checkpoint import (
+    CheckpointMixin,
+    final_is_complete,
+    format_summary,
+    latest_checkpoint,
+    read_summary,
+    truncate_metrics,
+    write_atomic,
+)
 from .config import TrainConfig
 from .data import PromptOrder, as_row, load_prompts, rows_digest, step_seed
 from .policy import PolicyModel
@@ -29,6 +41,7 @@ from .rollout import (
     rollout,
     seeded,
     teacher_inputs,
+    teacher_topk,
 )
 
 
@@ -68,6 +81,42 @@ def coefficients(
     if normalize == "tokens":  # token mean over the batch: the random denominator biases it slightly
         return w / max(n_tok, 1.0)
     return w / (max(n_seq, 1.0) * mask.sum(1).clamp_min(1).float())  # per_sequence: changes the objective
+
+
+def plateau_switch(rewards: list[float], window: int, tol: float) -> int | None:
+    """The update (0-based) from which a 'plateau' schedule uses its final weights, from the training rewards of
+    the updates done so far (one per update): the first j + 1 such that the mean reward over a window of
+    `window` updates ending at j has not risen by more than `tol` above its best for `window` updates. None: no
+    plateau yet. A function of the history only, so a resumed run switches where the uninterrupted one did."""
+    best, best_j = -math.inf, None
+    for j in range(window - 1, len(rewards)):
+        m = statistics.fmean(rewards[j - window + 1 : j + 1])
+        if m > best + tol:
+            best, best_j = m, j
+        elif j - best_j >= window:
+            return j + 1
+    return None
+
+
+def shortcut_signal(lengths: list[float], kls: list[float], window: int, drop: float = 0.1) -> bool:
+    """True when the mean response length and the mean sequence KL of the last `window` updates are both more
+    than `drop` (a fraction) below those of the `window` updates before: the policy may be lowering the
+    sequence KL (a sum over tokens) by ending responses early, the short-answer shortcut of the exact objective."""
+    if window <= 0 or len(lengths) < 2 * window:
+        return False
+    prev_len, last_len = statistics.fmean(lengths[-2 * window : -window]), statistics.fmean(lengths[-window:])
+    prev_kl, last_kl = statistics.fmean(kls[-2 * window : -window]), statistics.fmean(kls[-window:])
+    return last_len < (1 - drop) * prev_len and last_kl < (1 - drop) * prev_kl
+
+
+def _fingerprint(model) -> str:
+    """A cheap digest of a model's weights (names, shapes, sums): tells a cached teacher table from another's."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            x = p.detach().float()
+            h.update(f"{name}{tuple(x.shape)}{float(x.sum()):.10e}{float(x.square().sum()):.10e}".encode())
+    return h.hexdigest()[:16]
 
 
 class Trainer(CheckpointMixin):
@@ -130,14 +179,24 @@ class Trainer(CheckpointMixin):
                 tok_path, cfg.trust_remote_code, "tokenizer" if cfg.tokenizer else "student"
             )
         self.tokenizer = loading.prepare_tokenizer(tokenizer)
+        self.remote = bool(cfg.teacher_url)
+        # a served teacher: connect, check the tokenizer, fetch the head, all before loading the student
+        if self.remote:
+            from ..teacher_service.client import TeacherClient
+
+            teacher = TeacherClient.for_trainer(cfg, self.tokenizer)
         if student is None:
             student = loading.load_model(cfg.student, "student", torch.float32, cfg.trust_remote_code)
-        if teacher is None:
+        if teacher is None and not self.remote:
             t_dtype = torch.bfloat16 if use_bf16 else torch.float32
             teacher = loading.load_model(cfg.teacher, "teacher", t_dtype, cfg.trust_remote_code)
             loading.check_tokenizers_agree(self.tokenizer, cfg.teacher, tok_path, cfg.trust_remote_code)
-        s_name, t_name = cfg.student or "student", cfg.teacher or "teacher"
-        self.vocab = loading.check_vocab(student, teacher, self.tokenizer, s_name, t_name)
+        s_name, t_name = cfg.student or "student", cfg.teacher or cfg.teacher_url or "teacher"
+        if self.remote:
+            vs = student.get_output_embeddings().weight.shape[0]
+            self.vocab = teacher.check_student(vs, self.tokenizer, s_name)
+        else:
+            self.vocab = loading.check_vocab(student, teacher, self.tokenizer, s_name, t_name)
         if cfg.disable_dropout:
             loading.make_deterministic(student, f"student {s_name!r}", self.vocab)
         if cfg.fused_linear:
@@ -153,10 +212,11 @@ class Trainer(CheckpointMixin):
         opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                 betas=(cfg.adam_beta1, cfg.adam_beta2))  # fmt: skip
         self.policy, self.optimizer, self.scheduler = acc.prepare(policy, opt, make_scheduler(opt, cfg))
-        teacher.to(self.device).eval()
-        teacher.requires_grad_(False)
-        if cfg.fused_linear:
-            loading.check_fused_compatible(teacher, "teacher", t_name, self.vocab)
+        if not self.remote:
+            teacher.to(self.device).eval()
+            teacher.requires_grad_(False)
+            if cfg.fused_linear:
+                loading.check_fused_compatible(teacher, "teacher", t_name, self.vocab)
         self.teacher = teacher
         self.loss_kw = {
             "beta": cfg.beta, "lam": cfg.lam, "future": cfg.future, "gamma": cfg.gamma, "baseline": cfg.baseline,
@@ -168,6 +228,15 @@ class Trainer(CheckpointMixin):
         self.rows_log: list[dict] = []
         self.out = None if cfg.output_dir is None else Path(cfg.output_dir)
         self._tb = None
+        if cfg.grad_diagnostics and self.world > 1:
+            raise ValueError(
+                "grad_diagnostics=true runs in one process only (it differentiates each part apart)"
+            )
+        self._shortcut = False
+        self.trust: dict[str, float] | None = None  # teacher success rate per training prompt
+        self.trust_mean: float | None = None
+        if cfg.teacher_trust != "none":
+            self.trust, self.trust_mean = self.teacher_success_rates()
 
     # -- small helpers ------------------------------------------------------------------------------
     @property
@@ -219,15 +288,117 @@ class Trainer(CheckpointMixin):
                        chat_template=cfg.chat_template, max_prompt_tokens=cfg.max_prompt_tokens,
                        teacher_prompt=cfg.teacher_prompt, from_teacher=sft,
                        mask_truncated=cfg.mask_truncated_completions, device=self.device,
-                       reward_name=self.reward_name, **kw)  # fmt: skip
+                       reward_name=self.reward_name, max_teacher_prompt_tokens=cfg.max_teacher_prompt_tokens,
+                       **kw)  # fmt: skip
 
     def generate(self, **kw) -> list[Rollout]:
         """This step's rollouts on this process, sampled under the seed (seed, step, process index)."""
         with seeded(step_seed(self.cfg.seed, self.step, self.rank)):
             return [self.rollout(mb, **kw) for mb in self.next_rows()]
 
+    def teacher_term(self, ro: Rollout, fetched=None) -> tuple[Any, dict[str, Any]]:
+        """(teacher inputs of the loss, extra loss keywords): for a top-k teacher, its logprob_precision.
+        `fetched`: a served teacher's answer for `ro` (`TeacherClient.fetch`), already received."""
+        cfg = self.cfg
+        if self.remote:
+            f = self.teacher.fetch(ro, self.vocab, cfg.teacher_topk) if fetched is None else fetched
+            prec = self.teacher.precision_of(f)
+            t_in = self.teacher.build(f, self.vocab, cfg.fused_linear, self.device)
+        elif cfg.teacher_topk is not None:
+            t_in, prec = teacher_topk(self.teacher, ro, self.vocab, cfg.teacher_topk)
+        else:
+            return self.teacher_inputs(ro), {}
+        return t_in, ({} if prec is None else {"logprob_precision": prec})
+
     def teacher_inputs(self, ro: Rollout):
-        return teacher_inputs(self.teacher, ro, self.vocab, self.cfg.fused_linear)
+        if self.remote:
+            return self.teacher.teacher_inputs(
+                ro, self.vocab, self.cfg.fused_linear, self.cfg.teacher_topk, self.device
+            )
+        return teacher_inputs(self.teacher, ro, self.vocab, self.cfg.fused_linear, self.cfg.teacher_topk)
+
+    # -- weights: schedules, trust in the teacher, gate ----------------------------------------------
+    def teacher_success_rates(self, chunk: int | None = None) -> tuple[dict[str, float], float]:
+        """({prompt: p_T(prompt)}, mean over the training rows): the teacher's reward at temperature 1 from
+        `trust_samples` samples per training prompt, drawn under fixed seeds (the same for every run seed), read
+        from / written to the cache file when its key (prompts, teacher weights, sampling) matches. `chunk`:
+        prompts per generate call (default: about four training micro-batches of sequences, which fit)."""
+        cfg = self.cfg
+        if getattr(self, "remote", False):
+            raise ValueError("teacher_trust samples from the teacher: it needs a local teacher, not teacher_url")
+        if chunk is None:
+            chunk = max(1, 4 * self.micro_prompts * cfg.samples_per_prompt // cfg.trust_samples)
+        path = (
+            Path(cfg.trust_cache)
+            if cfg.trust_cache
+            else (None if self.out is None else self.out / "teacher_trust.json")
+        )
+        key = {"prompts_sha": self.prompts_sha, "samples": cfg.trust_samples, "teacher": _fingerprint(self.teacher),
+               "max_new_tokens": cfg.max_new_tokens, "reward": self.reward_name, "teacher_prompt": cfg.teacher_prompt,
+               "chat_template": cfg.chat_template, "max_prompt_tokens": cfg.max_prompt_tokens}  # fmt: skip
+        if path is not None and path.exists():
+            data = json.loads(path.read_text())
+            if data.get("key") == key:
+                return data["rates"], data["mean"]
+            self._log(
+                f"teacher_trust: the cache {str(path)!r} is for other prompts, teacher or settings: redrawn"
+            )
+        uniq = list({(r["prompt"], r.get("answer")): r for r in self.rows}.values())
+        gen = lambda **a: generate(self.teacher, **a)  # noqa: E731
+        sums: dict[str, list[float]] = {}
+        t0 = time.perf_counter()
+        for i in range(0, len(uniq), chunk):
+            with seeded(20_000 + i // chunk), torch.no_grad():
+                ro = rollout(gen, self.tokenizer, uniq[i : i + chunk], reward_fn=self.reward_fn, eos_ids=self.eos_ids,
+                             temperature=1.0, max_new_tokens=cfg.max_new_tokens, samples=cfg.trust_samples,
+                             chat_template=cfg.chat_template, max_prompt_tokens=cfg.max_prompt_tokens,
+                             teacher_prompt=cfg.teacher_prompt, from_teacher=True, device=self.device,
+                             reward_name=self.reward_name,
+                             max_teacher_prompt_tokens=cfg.max_teacher_prompt_tokens)  # fmt: skip
+            per = ro.rewards.float().reshape(-1, cfg.trust_samples).mean(1).tolist()
+            for row, p in zip(uniq[i : i + chunk], per):
+                sums.setdefault(row["prompt"], []).append(p)
+        rates = {k: statistics.fmean(v) for k, v in sums.items()}
+        mean = statistics.fmean(rates[r["prompt"]] for r in self.rows)
+        self._log(f"teacher_trust: teacher success rate {mean:.3f} (mean over {len(self.rows)} prompts, "
+                  f"{cfg.trust_samples} samples each, {time.perf_counter() - t0:.0f}s)")  # fmt: skip
+        if path is not None and self.main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"key": key, "mean": mean, "rates": rates}) + "\n")
+            os.replace(tmp, path)
+        return rates, mean
+
+    def switched_at(self) -> int | None:
+        """The update where a 'plateau' schedule switched (None: not yet, or no plateau schedule)."""
+        cfg = self.cfg
+        if "plateau" not in (cfg.lam_schedule, cfg.beta_schedule):
+            return None
+        return plateau_switch(self.history.get("reward", []), cfg.plateau_window, cfg.plateau_tol)
+
+    def weights_now(self) -> tuple[float, float]:
+        """(lam, beta) of the next update under their schedules (before teacher trust and the gate)."""
+        at = self.switched_at()
+        return self.cfg.weight_at("lam", self.step, at), self.cfg.weight_at("beta", self.step, at)
+
+    def beta_of(self, ro: Rollout, beta: float) -> float | torch.Tensor:
+        """The loss's beta for a rollout: a number, or [B] per response under per-prompt trust or the gate."""
+        cfg = self.cfg
+        if cfg.teacher_trust == "global":
+            beta = beta * self.trust_mean
+        if cfg.teacher_trust != "per_prompt" and cfg.dense_gate == "none":
+            return beta
+        b = torch.full((len(ro.prompts),), float(beta), dtype=torch.float64, device=self.device)
+        if cfg.teacher_trust == "per_prompt":
+            missing = [p for p in ro.prompts if p not in self.trust]
+            if missing:
+                raise KeyError(
+                    f"teacher_trust: no success rate for prompt {missing[0]!r} (not a training prompt)"
+                )
+            b = b * torch.tensor([self.trust[p] for p in ro.prompts], dtype=torch.float64, device=self.device)
+        if cfg.dense_gate == "incorrect":
+            b = b * (ro.rewards.to(self.device) < cfg.gate_reward).to(torch.float64)
+        return b
 
     # -- one update ---------------------------------------------------------------------------------
     def train_step(self, rollouts: list[Rollout] | None = None, keep_grads: bool = False) -> dict[str, float]:
@@ -249,25 +420,45 @@ class Trainer(CheckpointMixin):
         lr = float(self.scheduler.get_last_lr()[0])
         self.policy.train()
         self.optimizer.zero_grad(set_to_none=True)
-        # sums over this process's micro-batches: loss, dense, sparse, KL, reward, responses ending in EOS
-        stats = torch.zeros(6, dtype=torch.float64, device=self.device)
+        lam_k, beta_k = self.weights_now()
+        # sums over this process's micro-batches: loss, dense, sparse, KL, reward, responses ending in EOS,
+        # |beta F| and |lam R| over response tokens, the applied beta summed over responses
+        stats = torch.zeros(9, dtype=torch.float64, device=self.device)
+        parts: dict[str, torch.Tensor] = {}
+        # A served teacher answers for every micro-batch before the first backward: a request that fails leaves
+        # no half-accumulated update (the step either trains with all its teacher terms or not at all).
+        fetched = (
+            [self.teacher.fetch(ro, self.vocab, cfg.teacher_topk) for ro in rollouts] if self.remote else None
+        )
         for i, ro in enumerate(rollouts):
+            beta_b = self.beta_of(ro, beta_k)
+            loss_kw = {**self.loss_kw, "lam": lam_k, "beta": beta_b}
             c = (
                 coefficients(cfg.normalize_value, ro.mask, ro.keep, n_seq, n_tok_kept) * self.world
             )  # DDP averages
-            t_in = self.teacher_inputs(ro)
+            t_in, extra = self.teacher_term(ro, None if fetched is None else fetched[i])
+            loss_kw.update(extra)
+            if fetched is not None:
+                fetched[i] = None
             with nullcontext() if i == len(rollouts) - 1 else acc.no_sync(self.policy):
                 out = self.policy(
                     mode="loss", input_ids=ro.input_ids, attention_mask=ro.attention_mask,
                     position_ids=ro.position_ids, prompt_len=ro.prompt_len, actions=ro.actions, mask=ro.mask,
-                    rewards=ro.rewards, seq_weights=c.to(self.device), teacher=t_in, loss_kw=self.loss_kw,
-                    fused=cfg.fused_linear, chunk=cfg.fused_chunk, loss=cfg.loss,
+                    rewards=ro.rewards, seq_weights=c.to(self.device), teacher=t_in, loss_kw=loss_kw,
+                    fused=cfg.fused_linear, chunk=cfg.fused_chunk, loss=cfg.loss, diagnostics=cfg.grad_diagnostics,
                 )  # fmt: skip
                 acc.backward(out["loss"])
+            for k, g in out.get("grad_parts", {}).items():
+                parts[k] = g if k not in parts else parts[k] + g
+            n_b = float(ro.actions.shape[0])
+            beta_sum = (
+                beta_b.sum().double() if isinstance(beta_b, torch.Tensor) else torch.tensor(beta_b * n_b)
+            )
             stats += torch.stack([
                 out["loss"].detach().double() / self.world, out["dense"].double() / self.world,
                 out["sparse"].double() / self.world, out["kl"].detach().sum().double(), ro.rewards.sum().double(),
-                (~ro.truncated).sum().double(),
+                (~ro.truncated).sum().double(), *out["return_parts"].to(self.device).unbind(),
+                beta_sum.to(self.device, torch.float64),
             ])  # fmt: skip
             del out, t_in
         norm = acc.clip_grad_norm_(
@@ -275,12 +466,11 @@ class Trainer(CheckpointMixin):
         )
         if not torch.isfinite(torch.as_tensor(norm)):
             self.optimizer.zero_grad(set_to_none=True)
-            last = None if self.out is None else latest_checkpoint(self.out)
             raise FloatingPointError(
                 f"non-finite gradient norm ({float(norm)}) at step {self.step + 1}: the update was not applied "
-                f"and nothing was saved; the last checkpoint is {last} (lower lr, check rewards and logits, then "
-                "--resume)"
+                "(lower lr, check rewards and logits, then --resume)"
             )
+        self._updating = True  # from here to the counters, an interruption leaves no consistent state to save
         self.optimizer.step()
         self.scheduler.step()
         if not keep_grads:
@@ -289,6 +479,7 @@ class Trainer(CheckpointMixin):
         self.step += 1
         self.samples_seen += int(n_all)
         self.tokens_seen += int(n_tok)
+        self._updating = False
         dt = time.perf_counter() - t0
         m = {
             "step": self.step, "samples": self.samples_seen, "loss": float(stats[0]), "dense": float(stats[1]),
@@ -297,7 +488,27 @@ class Trainer(CheckpointMixin):
             "grad_norm": float(norm), "lr": lr, "tokens": int(n_tok), "tokens_seen": self.tokens_seen,
             "gen_s": t_gen, "step_s": dt, "tokens_per_s": n_tok / dt if dt > 0 else 0.0,
             "train_tokens_per_s": n_tok / (dt - t_gen) if dt > t_gen else 0.0,
+            "lam": lam_k, "beta": beta_k, "beta_applied": float(stats[8]) / n_all,
+            # the share of the sparse return's magnitude carried by the future KL (0 without any return)
+            "future_share": float(stats[6] / (stats[6] + stats[7])) if float(stats[6] + stats[7]) > 0 else 0.0,
         }  # fmt: skip
+        if parts:  # pre-clip gradients of the three parts, summed over micro-batches
+            norms = {k: float(g.norm()) for k, g in parts.items()}
+            m.update({f"grad_{k}": v for k, v in norms.items()})
+            for a, b in (("dense", "reward"), ("dense", "future"), ("reward", "future")):
+                den = norms[a] * norms[b]
+                m[f"cos_{a}_{b}"] = float(parts[a] @ parts[b]) / den if den > 0 else math.nan
+        lens = self.history.get("resp_len", []) + [m["resp_len"]]
+        kls = self.history.get("kl", []) + [m["kl"]]
+        short = shortcut_signal(lens, kls, cfg.shortcut_window)
+        m["shortcut"] = float(short)
+        if short and not self._shortcut:
+            self._log(f"step {self.step}: responses are getting shorter while the KL falls (mean length "
+                      f"{statistics.fmean(lens[-2 * cfg.shortcut_window:-cfg.shortcut_window]):.2f} -> "
+                      f"{statistics.fmean(lens[-cfg.shortcut_window:]):.2f}): the sequence KL, a sum over tokens, "
+                      "may be lowered by ending early (the short-answer shortcut). Try future='none' or "
+                      "future_norm='mean', a smaller beta or teacher_trust.")  # fmt: skip
+        self._shortcut = short
         if cuda:
             m["gen_peak_mem_gib"] = gen_peak
             m["train_peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
@@ -314,14 +525,21 @@ class Trainer(CheckpointMixin):
         with seeded(10_000 + cfg.seed):
             ro = self.rollout(self.eval_rows, samples=1)
         self.policy.eval()
-        t = teacher_inputs(self.teacher, ro, self.vocab)  # materialised logits, also under fused_linear
         s = response_logits(self.model, ro)[..., : self.vocab]
-        kl = dense_kl(
-            s.float(), t.float(), temperature=cfg.temperature, mask=ro.mask, backend=cfg.dense_backend
-        )
+        if cfg.teacher_topk is not None:  # the tail-bucket lower bound, the KL this run trains on
+            t, extra = self.teacher_term(ro)
+            kl = dense_kl_topk(s.float(), t.logprobs, t.ids, temperature=cfg.temperature, mask=ro.mask,
+                               backend=cfg.dense_backend, **extra)  # fmt: skip
+        else:
+            t = (self.teacher.teacher_inputs(ro, self.vocab, device=self.device) if self.remote
+                 else teacher_inputs(self.teacher, ro, self.vocab))  # materialised logits, also under fused_linear  # fmt: skip
+            kl = dense_kl(
+                s.float(), t.float(), temperature=cfg.temperature, mask=ro.mask, backend=cfg.dense_backend
+            )
         return {"eval_step": self.step, "eval_samples": self.samples_seen,
                 "eval_greedy_acc": float(greedy.rewards.mean()), "eval_reward": float(ro.rewards.mean()),
-                "eval_kl": float(kl.sum(1).mean()), "eval_resp_len": float(ro.mask.sum(1).float().mean())}  # fmt: skip
+                "eval_kl": float(kl.sum(1).mean()), "eval_resp_len": float(ro.mask.sum(1).float().mean()),
+                "eval_eos_frac": float((~ro.truncated).float().mean())}  # fmt: skip
 
     # -- the loop -----------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -342,27 +560,27 @@ class Trainer(CheckpointMixin):
             self._open_tensorboard()
         evaluating = cfg.eval_every > 0 and bool(self.eval_rows)
         if evaluating and not self.history.get("eval_step"):
-            self._record(self.evaluate())
+            e = self.evaluate()
+            self._record(e)
+            self._write_row({"step": self.step, **e}, metrics)  # the start-of-run evaluation (no "loss" key)
         desc = "hybridlab.train" if cfg.loss == "hybrid" else cfg.loss
         bar = tqdm(total=end - start, desc=desc, disable=not (self.main and cfg.progress), dynamic_ncols=True,
                    leave=out is not None)  # fmt: skip
         t0, saved = time.perf_counter(), []
+        # the last step whose metrics row is written, and a finished step not yet logged
+        logged, pending = self.step, None
+        before = (self.step, self.order.state_dict())  # the data order's position before the step in flight
         try:
             while self.step < end:
-                m = self.train_step()
+                before = (self.step, self.order.state_dict())
+                m = pending = self.train_step()
                 self._record(m)
                 if evaluating and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                     e = self.evaluate()
                     self._record(e)
                     m = {**m, **e}
-                self.rows_log.append(m)
-                if self.main and metrics is not None:
-                    with open(metrics, "a") as f:
-                        f.write(json.dumps(m) + "\n")
-                    if self._tb is not None:
-                        for k, v in m.items():
-                            if k != "step":
-                                self._tb.add_scalar(f"train/{k}", v, m["step"])
+                self._write_row(m, metrics)
+                logged, pending = self.step, None
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.3g}", kl=f"{m['kl']:.3g}", reward=f"{m['reward']:.2f}",
                                 tok_s=f"{m['tokens_per_s']:.0f}")  # fmt: skip
@@ -372,6 +590,12 @@ class Trainer(CheckpointMixin):
                     p = self.save()
                     if p is not None:
                         saved.append(str(p))
+        except BaseException as e:  # an error or Ctrl-C: keep every finished step
+            if logged < self.step and pending is not None:
+                # it finished its update and failed after (e.g. in its evaluation)
+                self._write_row(pending, metrics)
+            self.save_after_error(e, before[1] if self.step == before[0] else None)
+            raise
         finally:
             bar.close()
             if self._tb is not None:
@@ -381,9 +605,20 @@ class Trainer(CheckpointMixin):
         final = self.save_final() if (out is not None and cfg.save_final and self.step == cfg.steps) else None
         summary = self.summary(start, wall, saved, final)
         if self.main and out is not None:
-            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
             self._log(format_summary(summary))
         return summary
+
+    def _write_row(self, m: dict[str, Any], metrics: Path | None) -> None:
+        """One metrics row: the in-memory log, metrics.jsonl and TensorBoard."""
+        self.rows_log.append(m)
+        if self.main and metrics is not None:
+            with open(metrics, "a") as f:
+                f.write(json.dumps(m) + "\n")
+            if self._tb is not None:
+                for k, v in m.items():
+                    if k != "step":
+                        self._tb.add_scalar(f"train/{k}", v, m["step"])
 
     def _open_tensorboard(self) -> None:
         if not self.cfg.tensorboard:
@@ -413,12 +648,20 @@ def run(cfg: TrainConfig, resume: bool = False, accelerator=None) -> tuple[Train
     if resume and not tr.resume():
         tr._log(f"--resume: no checkpoint in {str(out)!r}, starting at step 0")
     if resume and tr.step >= cfg.steps:
-        tr._log(
-            f"the run in {str(out)!r} is complete (step {tr.step} of {cfg.steps}): nothing to do (training "
-            "longer is a new run: another --output_dir, or --overwrite true)"
-        )
-        done = out / "summary.json"
-        return tr, json.loads(done.read_text()) if done.exists() else {"steps": tr.step, "complete": True}
+        summary = read_summary(out / "summary.json")
+        final_ok = not cfg.save_final or final_is_complete(out / "final")
+        if summary is not None and summary.get("complete") and summary.get("steps") == tr.step and final_ok:
+            tr._log(
+                f"the run in {str(out)!r} is complete (step {tr.step} of {cfg.steps}): nothing to do (training "
+                "longer is a new run: another --output_dir, or --overwrite true)"
+            )
+            return tr, summary
+        # killed after its last checkpoint: write what the end of the run writes (final/, summary.json)
+        what = "summary.json" if final_ok else "final model folder"
+        tr._log(f"the run in {str(out)!r} reached step {tr.step} of {cfg.steps} but its {what} is missing or "
+                "partial: writing it now")  # fmt: skip
+        tr.acc.wait_for_everyone()
+        return tr, tr.train()
     if not resume and tr.main:  # a fresh run (overwrite=true): no stale checkpoints, metrics or final model
         for stale in ("checkpoints", "final", "tensorboard"):
             shutil.rmtree(out / stale, ignore_errors=True)

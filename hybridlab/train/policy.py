@@ -7,9 +7,48 @@ import torch
 
 from ..dense import dense_kl
 from ..fused_hybrid import fused_hybrid_loss
-from ..hybrid import hybrid_loss
-from ..sparse import selected_logprobs
+from ..hybrid import flat_grad, hybrid_loss
+from ..sparse import group_loo_mean, selected_logprobs
 from .rollout import generate, response_logits_of
+
+
+def return_parts(out, rewards: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor:
+    """[2] sums over response tokens of |beta F_t| (the future KL in the sparse return) and |lam R|: the share
+    of the return the future KL carries is parts[0] / parts.sum() (from `returns` = lam R - beta F)."""
+    with torch.no_grad():
+        lam_r = lam * rewards.to(out.returns.dtype)[:, None].expand_as(out.returns)
+        zero = torch.zeros((), dtype=out.returns.dtype, device=mask.device)
+        fut = torch.where(mask, lam_r - out.returns, zero).abs().sum()
+        rew = torch.where(mask, lam_r, zero).abs().sum()
+        return torch.stack([fut, rew]).double()
+
+
+def part_gradients(out, logits: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor,
+                   lam: float, temperature: float, params: list, baseline="none",
+                   group_size: int | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Flat gradients [P] of the loss's three parts: "dense"; "reward", the score term with lam R - b_R(s_t); and
+    "future", the score term with -beta F_t - b_F(s_t) (reward + future = the sparse term). A group baseline on
+    the combined return splits the same way (b_R: the leave-one-out mean of lam R, b_F: the rest); a baseline
+    tensor counts in "reward". `out` must come from hybrid_loss(..., parameters=...) on `logits` (so its dense
+    graph can be differentiated more than once)."""
+    logp = selected_logprobs(logits, actions, temperature, mask)
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    c = out.token_weights.to(logp.dtype)[:, None]
+    with torch.no_grad():
+        lam_r = lam * rewards.to(logp.dtype)[:, None]
+        neg_beta_f = torch.where(mask, out.returns.to(logp.dtype) - lam_r, zero)  # returns = lam R - beta F
+        b_r = torch.zeros_like(neg_beta_f)
+        if isinstance(baseline, str) and baseline != "none":
+            b_r = group_loo_mean(lam_r.expand_as(neg_beta_f), group_size)
+        # lam R - b_R; the rest of the advantage is the future's
+        rew_adv = torch.where(mask, lam_r - b_r, zero)
+        fut_adv = torch.where(mask, out.advantages.to(logp.dtype), zero) - rew_adv
+    lp = torch.where(mask, logp, zero)
+    return {
+        "dense": flat_grad(out.dense, params, retain_graph=True),
+        "reward": flat_grad(-(c * lp * rew_adv).sum(), params, retain_graph=True),
+        "future": flat_grad(-(c * lp * fut_adv).sum(), params, retain_graph=True),
+    }
 
 
 def _weights(seq_weights: torch.Tensor | None, mask: torch.Tensor, dtype) -> torch.Tensor:
@@ -60,7 +99,7 @@ class PolicyModel(torch.nn.Module):
         raise ValueError(f"mode must be 'generate' or 'loss', got {mode!r}")
 
     def _loss(self, input_ids, attention_mask, position_ids, prompt_len, actions, mask, rewards, seq_weights,
-              teacher, loss_kw, fused, chunk, loss="hybrid"):  # fmt: skip
+              teacher, loss_kw, fused, chunk, loss="hybrid", diagnostics=False):  # fmt: skip
         p, n = prompt_len, actions.shape[1]
         dev = input_ids.device.type
         kw = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
@@ -78,18 +117,26 @@ class PolicyModel(torch.nn.Module):
                 "dense": out.dense.detach(),
                 "sparse": out.sparse.detach(),
                 "kl": out.kl,
+                "return_parts": return_parts(out, rewards, mask, loss_kw["lam"]),
             }
         logits = response_logits_of(self.model, kw, n)
         with torch.autocast(dev, enabled=False):
             if loss == "hybrid":
+                params = [p for p in self.model.parameters() if p.requires_grad] if diagnostics else None
                 out = hybrid_loss(logits, teacher, actions, rewards, mask=mask, seq_weights=seq_weights,
-                                  normalize=1.0, **loss_kw)  # fmt: skip
-                return {
+                                  normalize=1.0, parameters=params, **loss_kw)  # fmt: skip
+                res = {
                     "loss": out.loss,
                     "dense": out.dense.detach(),
                     "sparse": out.sparse.detach(),
                     "kl": out.kl,
+                    "return_parts": return_parts(out, rewards, mask, loss_kw["lam"]),
                 }
+                if diagnostics:
+                    res["grad_parts"] = part_gradients(out, logits, actions, mask, rewards, loss_kw["lam"],
+                                                       loss_kw["temperature"], params, loss_kw["baseline"],
+                                                       loss_kw["group_size"])  # fmt: skip
+                return res
             tau = loss_kw["temperature"]
             if loss == "sft":
                 value = sft_loss(logits, actions, mask, tau, seq_weights)
@@ -99,4 +146,5 @@ class PolicyModel(torch.nn.Module):
                 kl = dense_kl(logits.detach().float(), teacher.float(), temperature=tau, mask=mask,
                               backend=loss_kw["backend"])  # fmt: skip
         nan = torch.tensor(float("nan"), device=logits.device)
-        return {"loss": value, "dense": nan, "sparse": nan, "kl": kl}
+        return {"loss": value, "dense": nan, "sparse": nan, "kl": kl,
+                "return_parts": torch.zeros(2, dtype=torch.float64, device=logits.device)}  # fmt: skip

@@ -83,6 +83,20 @@ class HybridGRPOConfig(GRPOConfig):
             "help": "sequences (unbiased) | tokens | per_sequence | a positive number: the loss's divisor."
         },
     )
+    teacher_url: str | None = field(
+        default=None,
+        metadata={"help": "A teacher served by `python -m hybridlab.serve_teacher` (e.g. http://127.0.0.1:8000) "
+                  "instead of teacher_model: its hidden states come over HTTP (README, 'Teacher on a server')."},
+    )  # fmt: skip
+    teacher_token_file: str | None = field(
+        default=None, metadata={"help": "File holding the teacher server's bearer token (its --token-file)."}
+    )
+    teacher_timeout: float = field(
+        default=60.0, metadata={"help": "Seconds per answer of the teacher server."}
+    )
+    teacher_retries: int = field(
+        default=3, metadata={"help": "Retries (backoff 0.5 s, 1 s, 2 s, ...) before a teacher request fails."}
+    )
     teacher_model_init_kwargs: dict | str | None = field(
         default=None, metadata={"help": "Keyword arguments for from_pretrained when teacher_model is a path."}
     )
@@ -173,6 +187,18 @@ def _check_hybrid_args(a: HybridGRPOConfig) -> None:
                 f"teacher_prompt must be a template containing {{prompt}} (and optionally dataset columns such as "
                 f"{{answer}}), got {a.teacher_prompt!r}"
             )
+    if a.teacher_url is not None and not str(a.teacher_url).startswith(("http://", "https://")):
+        raise ValueError(f"teacher_url must be an http:// or https:// URL, got {a.teacher_url!r}")
+    if a.teacher_token_file is not None and a.teacher_url is None:
+        raise ValueError("teacher_token_file is set without teacher_url")
+    if not (
+        isinstance(a.teacher_timeout, (int, float))
+        and math.isfinite(a.teacher_timeout)
+        and a.teacher_timeout > 0
+    ):
+        raise ValueError(f"teacher_timeout must be a positive number of seconds, got {a.teacher_timeout!r}")
+    if not (isinstance(a.teacher_retries, int) and a.teacher_retries >= 0):
+        raise ValueError(f"teacher_retries must be an integer >= 0, got {a.teacher_retries!r}")
     if not (isinstance(a.fused_chunk, int) and a.fused_chunk > 0):
         raise ValueError(f"fused_chunk must be a positive integer, got {a.fused_chunk!r}")
     if not (a.temperature > 0 and math.isfinite(a.temperature)):

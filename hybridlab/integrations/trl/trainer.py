@@ -61,7 +61,8 @@ class HybridGRPOTrainer(GRPOTrainer):
 
     Args (besides GRPOTrainer's, all passed through):
         teacher_model: a local model folder (loaded with `args.teacher_model_init_kwargs`) or a causal LM object
-            sharing the student's tokenizer and vocabulary. Frozen; never trained.
+            sharing the student's tokenizer and vocabulary. Frozen; never trained. None when `args.teacher_url`
+            names a served teacher (`python -m hybridlab.serve_teacher`).
         args: a `HybridGRPOConfig`.
     """
 
@@ -96,10 +97,19 @@ class HybridGRPOTrainer(GRPOTrainer):
                 f"{type(args).__name__}"
             )
         _check_hybrid_args(args)  # again: fields may have been changed after construction
-        if teacher_model is None:
-            raise ValueError("teacher_model must be given: a local model folder or a causal LM object")
+        if teacher_model is None and args.teacher_url is None:
+            raise ValueError(
+                "teacher_model must be given: a local model folder or a causal LM object (or set args.teacher_url "
+                "to a served teacher)"
+            )
+        if teacher_model is not None and args.teacher_url is not None:
+            raise ValueError(
+                f"teacher_model and args.teacher_url={args.teacher_url!r} are both given: give one teacher"
+            )
         teacher_kwargs = dict(args.teacher_model_init_kwargs or {})
-        if isinstance(teacher_model, str):
+        if args.teacher_url is not None:
+            teacher_path = args.teacher_url
+        elif isinstance(teacher_model, str):
             from trl.trainer.utils import create_model_from_path
 
             if args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED"]:
@@ -114,7 +124,7 @@ class HybridGRPOTrainer(GRPOTrainer):
                     "or drop teacher_model_init_kwargs"
                 )
             teacher_path = getattr(teacher_model.config, "_name_or_path", "") or type(teacher_model).__name__
-        if not hasattr(teacher_model, "config") or not callable(teacher_model):
+        if args.teacher_url is None and (not hasattr(teacher_model, "config") or not callable(teacher_model)):
             raise TypeError(
                 f"teacher_model must be a causal LM or a path, got {type(teacher_model).__name__}"
             )
@@ -128,6 +138,9 @@ class HybridGRPOTrainer(GRPOTrainer):
         )  # fmt: skip
 
         student = self.accelerator.unwrap_model(self.model)
+        self.teacher_client = None
+        if args.teacher_url is not None:
+            return self._connect_teacher(student)
         self.vocab_size = self._check_vocab(student, teacher_model, teacher_path)
         if args.fused_linear:
             for who, m in (("student", student), ("teacher", teacher_model)):
@@ -165,6 +178,58 @@ class HybridGRPOTrainer(GRPOTrainer):
         self._teacher_opts = {k: _accepts(t_unwrapped, k) and not (k == "position_ids" and self._is_vlm)
                               for k in ("logits_to_keep", "position_ids")}  # fmt: skip
         self._hybrid_rewards_per_func = None
+
+    def _connect_teacher(self, student) -> None:
+        """A served teacher (`args.teacher_url`): connect, check the tokenizer fingerprint and the vocabulary, fetch
+        the LM head once; every failure is an error here, before the first step."""
+        from trl.models.utils import _ForwardRedirection
+
+        from ...teacher_service.client import TeacherClient
+
+        a = self.args
+        if a.fused_linear and _logit_postprocessing(
+            student.get_base_model() if hasattr(student, "get_base_model") else student
+        ):
+            raise ValueError(
+                "fused_linear=True: the student post-processes its logits; set fused_linear=False"
+            )
+        self.teacher_client = c = TeacherClient.for_trainer(a, self._tokenizer)
+        name = getattr(student.config, "_name_or_path", "") or type(student).__name__
+        self.vocab_size = c.check_student(_config_vocab(student), self._tokenizer, name)
+        self.teacher_model = None
+        self._forward_redirection = _ForwardRedirection()
+        self._student_opts = {k: _accepts(student, k) and not (k == "position_ids" and self._is_vlm)
+                              for k in ("logits_to_keep", "position_ids")}  # fmt: skip
+        self._hybrid_rewards_per_func = None
+
+    def _served(self, ids, att, n: int, mask, fused: bool):
+        """The served teacher's inputs at the last n positions' states: (hidden [B, n, H], head [V, H][, bias])
+        or logits [B, n, V]; only the positions in `mask` [B, n] travel (the others are zeros, never used)."""
+        from ...teacher_service.client import Sequences
+
+        seqs = Sequences(ids, att, ids.shape[1] - n, mask.bool())
+        return self.teacher_client.teacher_inputs(seqs, self.vocab_size, fused, None, ids.device)
+
+    def train(self, *args, **kwargs):
+        """GRPO's `train`. When a served teacher fails (unreachable after its retries, or a damaged answer), the
+        state after the last finished step is saved as a checkpoint first (one process: a collective save could
+        hang on others mid-step), so `train(resume_from_checkpoint=True)` continues; the error says where."""
+        from ...teacher_service.client import TeacherServiceError, TeacherUnavailable
+        from ...teacher_service.protocol import ProtocolError
+
+        try:
+            return super().train(*args, **kwargs)
+        except (TeacherUnavailable, TeacherServiceError, ProtocolError) as e:
+            step = self.state.global_step
+            if self.teacher_client is None or step == 0:
+                raise
+            if self.accelerator.num_processes > 1:
+                e.add_note(f"[hybridlab] multi-process run: nothing saved after step {step}")
+                raise
+            self._save_checkpoint(self.model, trial=None)
+            e.add_note(f"[hybridlab] saved the state after step {step} to {self.args.output_dir}/checkpoint-{step}; "
+                       "continue with train(resume_from_checkpoint=True)")  # fmt: skip
+            raise
 
     def _send_telemetry(self):
         """No network at run time: TRL's usage ping is not sent."""
@@ -347,7 +412,8 @@ class HybridGRPOTrainer(GRPOTrainer):
             sl = slice(s, s + bs)
             with self.accelerator.autocast():
                 z = self._logits(self.model, ids[sl], att[sl], n, self._student_opts)
-                q = self._logits(self.teacher_model, t_ids[sl], t_att[sl], n, self._teacher_opts)
+                q = (self._served(t_ids[sl], t_att[sl], n, mask[sl], False) if self.teacher_client is not None
+                     else self._logits(self.teacher_model, t_ids[sl], t_att[sl], n, self._teacher_opts))  # fmt: skip
             q = q[..., : self.vocab_size]
             acts, m = out["completion_ids"][sl], mask[sl]
             if a.future == "analytic":
@@ -358,8 +424,9 @@ class HybridGRPOTrainer(GRPOTrainer):
                 logq = selected_logprobs(q, acts, 1.0, m)
                 if a.teacher_floor is not None:
                     logq = logq.clamp_min(a.teacher_floor)
-                k = kl_estimate(logp.float(), logq.float(), a.future)
-            rows.append(torch.where(m, k.float(), 0.0))
+                # float64: k3 = r - 1 - log r overflows fp32 once log r > ~88 (a token the student finds unlikely)
+                k = kl_estimate(logp.double(), logq.double(), a.future)
+            rows.append(torch.where(m, k.double(), 0.0))
         return torch.cat(rows)
 
     @staticmethod
@@ -433,7 +500,8 @@ class HybridGRPOTrainer(GRPOTrainer):
                 hidden = student.base_model(**kw_in).last_hidden_state
             hidden = hidden[:, -(n + 1) : -1]
             head = student.get_output_embeddings()
-            teacher = self._teacher_hidden_and_head(t_ids, t_att, n)
+            teacher = (self._served(t_ids, t_att, n, mask, True) if self.teacher_client is not None
+                       else self._teacher_hidden_and_head(t_ids, t_att, n))  # fmt: skip
             cdt = hidden.dtype
             with torch.autocast(dev, enabled=False):
                 out = fused_hybrid_loss(
@@ -442,7 +510,8 @@ class HybridGRPOTrainer(GRPOTrainer):
                 )  # fmt: skip
         else:
             with torch.no_grad(), self.accelerator.autocast():
-                q = self._logits(self.teacher_model, t_ids, t_att, n, self._teacher_opts)[..., :v]
+                q = (self._served(t_ids, t_att, n, mask, False) if self.teacher_client is not None
+                     else self._logits(self.teacher_model, t_ids, t_att, n, self._teacher_opts)[..., :v])  # fmt: skip
             with self.accelerator.autocast():
                 z = self._logits(unwrapped, ids, att, n, self._student_opts)
             with torch.autocast(dev, enabled=False):

@@ -15,6 +15,9 @@ states + head. The matmuls it must do are four [N, H] x [H, V] products (student
 grad hidden, grad weight); their standalone time is reported as the floor.
 
 `python -m hybridlab.bench fused --fused-size N:V:H` prints the fused-linear table alone.
+`python -m hybridlab.bench hybrid [--sizes N:V] [--fused-size N:V:H]` times the complete `hybrid_loss` forward +
+backward (torch, Triton, fused linear) against an autograd surrogate and TRL's path, with the byte model and the
+CPU targets (`hybridlab.bench.hybrid`).
 `python -m hybridlab.bench tune` (CUDA) sweeps the kernel's block size and warps at one size.
 
 Methods are skipped with a note where a package is not installed (Liger-Kernel, TRL) or a size does not fit.
@@ -149,7 +152,7 @@ def compiled_reference(backend: str = "inductor", reset: bool = True) -> Callabl
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from .dense import dense_kl_reference
+    from ..dense import dense_kl_reference
 
     if reset:
         torch._dynamo.reset()
@@ -189,11 +192,11 @@ def _liger_jsd():
 
 def dense_methods(device: torch.device, with_triton: bool) -> dict[str, Method | str]:
     """name -> Method, or a note why it is absent. Built per size (torch.compile gets a fresh cache each time)."""
-    from .dense import dense_kl, dense_kl_reference
+    from ..dense import dense_kl, dense_kl_reference
 
     methods: dict[str, Method | str] = {}
     if with_triton:
-        from .kernels.dense_kl_triton import dense_kl_triton_impl
+        from ..kernels.dense_kl_triton import dense_kl_triton_impl
 
         methods[TRITON_AUTOGRAD] = Method(lambda z, t: dense_kl(z, t, backend="triton"))
         methods["triton kernel alone"] = Method(
@@ -255,8 +258,8 @@ def bench_dense(device, sizes, dtype, reps, warmup, interp_max_elems) -> list[tu
 
 def fused_methods(device: torch.device) -> dict[str, Method | str]:
     """name -> fn(h, w, th, tw) returning something to .sum().backward() through h and w."""
-    from .dense import dense_kl, dense_kl_reference
-    from .fused_linear import fused_linear_dense_kl
+    from ..dense import dense_kl, dense_kl_reference
+    from ..fused_linear import fused_linear_dense_kl
 
     backend = "triton" if device.type == "cuda" else "torch"
     methods: dict[str, Method | str] = {
@@ -413,7 +416,7 @@ def _parse_sizes(items, fused=False):
 
 
 def tune(device, n, v, dtype, reps):
-    from .kernels.dense_kl_triton import dense_kl_triton_impl
+    from ..kernels.dense_kl_triton import dense_kl_triton_impl
 
     z = torch.randn(n, v, device=device).to(dtype)
     t = torch.randn(n, v, device=device).to(dtype)
@@ -439,7 +442,9 @@ def tune(device, n, v, dtype, reps):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m hybridlab.bench", description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=["dense", "fused", "tune"], help="fused: the fused-linear table only")
+    p.add_argument(
+        "what", choices=["dense", "fused", "tune", "hybrid"], help="fused: the fused-linear table only"
+    )
     p.add_argument("--cpu", action="store_true", help="run on CPU with tiny sizes (default without CUDA)")
     p.add_argument("--sizes", nargs="+", help="N:V pairs (default: the standard grid on GPU, tiny on CPU)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default bf16 on GPU, fp32 on CPU")
@@ -464,6 +469,12 @@ def main(argv: list[str] | None = None) -> None:
     reps = args.reps or (5 if cpu else 20)
     warmup = 1 if cpu else 3
     name = _device_name(device)
+
+    if args.what == "hybrid":
+        from .hybrid import main_hybrid
+
+        main_hybrid(args, device, dtype, name)
+        return
 
     if args.what == "tune":
         if cpu:

@@ -1,0 +1,5 @@
+"""`python -m hybridlab.bench ...`: see `hybridlab.bench` for the subcommands."""
+
+from . import main
+
+main()
