@@ -15,7 +15,7 @@ from hybridlab.lab import exact as ex
 from hybridlab.tasks.models import build_model, build_tokenizer
 from hybridlab.tasks.toy import TASKS, make_splits
 from hybridlab.train import PRESETS, TrainConfig, Trainer
-from hybridlab.train.loop import plateau_switch, shortcut_signal
+from hybridlab.train.recipe import plateau_switch, shortcut_signal
 
 GIVEN = ("student", "teacher", "prompts")
 
