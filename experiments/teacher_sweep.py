@@ -305,9 +305,7 @@ def main(argv=None) -> dict:
     splits = make_splits(args.task, 3000, args.eval_prompts, seed=0)
     metas = train_teachers(args, splits)
     teachers = {n: load_model_dir(Path(args.work) / "teachers" / n)[0] for n in NAMES}
-    cmd = "python -m experiments.teacher_sweep " + " ".join(
-        shlex.quote(a) for a in (argv or sys.argv[1:])
-    )
+    cmd = "python -m experiments.teacher_sweep " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     smeta = load_meta(args.student)
     result = {
         "command": cmd,

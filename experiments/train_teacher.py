@@ -137,9 +137,7 @@ def main(argv=None) -> dict:
                 break
     wall = time.perf_counter() - t0
     final = curve[-1]
-    cmd = "python -m experiments.train_teacher " + " ".join(
-        shlex.quote(a) for a in (argv or sys.argv[1:])
-    )
+    cmd = "python -m experiments.train_teacher " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     meta = {
         "role": args.role,
         "task": args.task,

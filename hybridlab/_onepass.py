@@ -382,7 +382,9 @@ def _fused_chunks(n: int, active, chunk: int):
         yield slice(start, stop) if rows_all is None else rows_all[start:stop]
 
 
-def fused_hybrid_rows(hidden, weight, bias, teacher, actions, mask, tau: float, floor, backend: str, chunk: int):
+def fused_hybrid_rows(
+    hidden, weight, bias, teacher, actions, mask, tau: float, floor, backend: str, chunk: int
+):
     """`hybrid_rows` from hidden states [..., H] and an LM head (validated by the caller; `teacher` a flattened
     `fused_linear._Teacher` of logits or hidden states): (KL, log pi(y), log pi_T(y)), each [...]."""
     batch = hidden.shape[:-1]

@@ -36,8 +36,8 @@ from ._checks import (
     shape_of,
 )
 from ._logits import row_shift
-from .fused_linear import DEFAULT_CHUNK, _accumulate_mm, check_dense_kl_args, dense_kl_checked
 from ._onepass import fused_hybrid_rows
+from .fused_linear import DEFAULT_CHUNK, _accumulate_mm, check_dense_kl_args, dense_kl_checked
 from .hybrid import HybridLossOutput, _normalizer, assemble, check_batch, check_weights
 from .topk import TopKTeacher
 

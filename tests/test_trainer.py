@@ -148,7 +148,11 @@ def _trainer(method: str, tok, teacher=None, reward=REV, **kw) -> Trainer:
 def test_each_method_trains_a_step(method, tok):
     # partial credit: a random student's rewards differ within a group, so RL-only gets a gradient too
     tr = _trainer(
-        method, tok, reward="hybridlab.tasks.rewards:reverse_partial", prompts_per_step=3, samples_per_prompt=4
+        method,
+        tok,
+        reward="hybridlab.tasks.rewards:reverse_partial",
+        prompts_per_step=3,
+        samples_per_prompt=4,
     )
     before = [p.detach().clone() for p in tr.model.parameters()]
     t_before = [p.detach().clone() for p in tr.teacher.parameters()]

@@ -59,13 +59,19 @@ class AtenBytes(TorchDispatchMode):
         name = func._schema.name.split("::")[-1]
         if name in _FREE or self.paused:
             return out
-        flat_in = [a for a in list(args) + list(kwargs.values()) for a in (a if isinstance(a, (list, tuple)) else [a])]
+        flat_in = [
+            a
+            for a in list(args) + list(kwargs.values())
+            for a in (a if isinstance(a, (list, tuple)) else [a])
+        ]
         outs = out if isinstance(out, (list, tuple)) else [out]
         n = 0
         if name in _SPARSE:
             idx = [a for a in flat_in if isinstance(a, torch.Tensor) and not a.dtype.is_floating_point]
             if idx and any(self._wide(a) for a in flat_in + list(outs)):
-                elem = max(a.element_size() for a in flat_in if isinstance(a, torch.Tensor) and a.is_floating_point())
+                elem = max(
+                    a.element_size() for a in flat_in if isinstance(a, torch.Tensor) and a.is_floating_point()
+                )
                 n = 2 * idx[0].numel() * elem
         else:
             written = set()
@@ -252,7 +258,9 @@ def bench_hybrid(device, n, v, dtype, reps, warmup, with_triton, byte_size=(64, 
             u = count_bytes(lambda: step(z=zb, t=tb, y=yb, r=rb), bv).bytes / (bn * bv * zb.element_size())
             rows.append((name, ms, mem, u, getattr(fn, "note", "")))
         except Exception as e:  # an optional peer with another API version: report, keep going
-            rows.append((name, None, None, None, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:60]}"))
+            rows.append(
+                (name, None, None, None, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:60]}")
+            )
     return rows
 
 
@@ -268,12 +276,12 @@ def fused_methods(device: torch.device) -> dict:
         return x.reshape(b, x.shape[0] // b, *x.shape[1:])
 
     out: dict = {
-        f"fused_hybrid_loss ({backend})": lambda h, w, th, tw, y, r: fused_hybrid_loss(
-            bt(h), w, (bt(th), tw), bt(y), r, backend=backend
-        ).loss,
-        f"materialised + hybrid_loss ({backend})": lambda h, w, th, tw, y, r: hybrid_loss(
-            bt(h @ w.t()), bt(th @ tw.t()), bt(y), r, backend=backend
-        ).loss,
+        f"fused_hybrid_loss ({backend})": lambda h, w, th, tw, y, r: (
+            fused_hybrid_loss(bt(h), w, (bt(th), tw), bt(y), r, backend=backend).loss
+        ),
+        f"materialised + hybrid_loss ({backend})": lambda h, w, th, tw, y, r: (
+            hybrid_loss(bt(h @ w.t()), bt(th @ tw.t()), bt(y), r, backend=backend).loss
+        ),
         "materialised + autograd surrogate": lambda h, w, th, tw, y, r: autograd_surrogate(
             bt(h @ w.t()), bt(th @ tw.t()), bt(y), r
         ),
@@ -323,7 +331,9 @@ def bench_fused_hybrid(device, n, v, h, dtype, reps, warmup):
             mem = peak_mb(step, device)
             rows.append((name, time_ms(step, device, reps), mem, None, getattr(fn, "note", "")))
         except Exception as e:
-            rows.append((name, None, None, None, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:60]}"))
+            rows.append(
+                (name, None, None, None, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:60]}")
+            )
     return rows
 
 
@@ -374,7 +384,11 @@ def print_targets(rows, dense, file=None):
     """The CPU targets, met or missed, from the rows measured side by side in this run."""
     file = file or sys.stdout
     by = {r[0]: r for r in rows}
-    auto, tor, tri = by.get("autograd surrogate"), by.get("hybrid_loss (torch)"), by.get("hybrid_loss (triton)")
+    auto, tor, tri = (
+        by.get("autograd surrogate"),
+        by.get("hybrid_loss (torch)"),
+        by.get("hybrid_loss (triton)"),
+    )
     print("\n# targets (this run, side by side)", file=file)
 
     def line(what, value, ok):
@@ -412,14 +426,29 @@ def main_hybrid(args, device, dtype, name) -> None:
 
             zb, tb, yb, rb = workload(64, 4096, dtype, device, seed=1)
             zz = zb.detach().requires_grad_(True)
-            u = count_bytes(lambda: hybrid_loss(zz, tb, yb, rb, backend="triton").loss.backward(), 4096).bytes
-            rows[1] = (rows[1][0], None, None, u / zb.numel() / zb.element_size(), "bytes at N=64, V=4096 (interpreter)")
+            u = count_bytes(
+                lambda zz=zz, tb=tb, yb=yb, rb=rb: hybrid_loss(
+                    zz, tb, yb, rb, backend="triton"
+                ).loss.backward(),
+                4096,
+            ).bytes
+            rows[1] = (
+                rows[1][0],
+                None,
+                None,
+                u / zb.numel() / zb.element_size(),
+                "bytes at N=64, V=4096 (interpreter)",
+            )
         print_hybrid_table(name, dname, n, v, rows)
         all_rows = rows
     if args.fused_size or not cpu or args.fused:
-        n, v, h = (int(p) for p in (args.fused_size or ("256:4096:256" if cpu else "8192:151936:896")).split(":"))
+        n, v, h = (
+            int(p) for p in (args.fused_size or ("256:4096:256" if cpu else "8192:151936:896")).split(":")
+        )
         print_hybrid_table(name, dname, n, v, bench_fused_hybrid(device, n, v, h, dtype, reps, 1), h=h)
     dense = dense_ratio(device, 512, 32000, dtype, reps, 1) if cpu else None
     if dense:
-        print(f"\n# dense_kl(torch) {dense[0]:.1f} ms vs autograd log_softmax {dense[1]:.1f} ms (N=512, V=32000)")
+        print(
+            f"\n# dense_kl(torch) {dense[0]:.1f} ms vs autograd log_softmax {dense[1]:.1f} ms (N=512, V=32000)"
+        )
     print_targets(all_rows, dense)

@@ -63,7 +63,9 @@ def load_reward(spec: str) -> RewardFn:
     is not callable. (Importing a module runs its code: name only modules you trust.)
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"reward must be a dotted path like 'hybridlab.tasks.rewards:exact_match', got {spec!r}")
+        raise ValueError(
+            f"reward must be a dotted path like 'hybridlab.tasks.rewards:exact_match', got {spec!r}"
+        )
     spec = spec.strip()
     if ":" in spec:
         module, _, attr = spec.partition(":")

@@ -90,7 +90,9 @@ class TrainConfig:
         "the teacher's own prompt, a template with {prompt} (and optionally {answer}), e.g. worked examples + "
         "'{prompt}': the teacher scores the student's response after it (context distillation)",
     )
-    max_prompt_tokens: int | None = _f(None, "truncate the student's prompts from the left to this many tokens")
+    max_prompt_tokens: int | None = _f(
+        None, "truncate the student's prompts from the left to this many tokens"
+    )
     max_teacher_prompt_tokens: int | None = _f(
         None, "truncate the teacher's own prompts (teacher_prompt, teacher_messages) from the left to this many "
         "tokens (unset: never; max_prompt_tokens does not apply to them)",
@@ -276,7 +278,13 @@ class TrainConfig:
         for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "grad_accum",
                      "fused_chunk", "keep_checkpoints"):  # fmt: skip
             _positive(name, getattr(self, name))
-        for name in ("stop_after", "max_prompt_tokens", "max_teacher_prompt_tokens", "cpu_threads", "eval_count"):
+        for name in (
+            "stop_after",
+            "max_prompt_tokens",
+            "max_teacher_prompt_tokens",
+            "cpu_threads",
+            "eval_count",
+        ):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
         if self.teacher_floor is not None and not (
@@ -473,7 +481,9 @@ def expand_env(value: str) -> str:
         if got:
             return got
         if default is None:
-            raise ValueError(f"config path {value!r} uses ${{{name}}}, which is not set (or write ${{{name}:-default}})")
+            raise ValueError(
+                f"config path {value!r} uses ${{{name}}}, which is not set (or write ${{{name}:-default}})"
+            )
         return default
 
     return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}", sub, value)
