@@ -146,33 +146,12 @@ def rule_config(rule: str, seed: int, args: argparse.Namespace, trust_cache: str
 def _trainer_class():
     import torch
 
-    from hybridlab.dense import dense_kl
-    from hybridlab.train import Trainer
-    from hybridlab.train.rollout import response_logits, seeded, teacher_inputs
+    from hybridlab.train.rollout import seeded
 
-    class StudyTrainer(Trainer):
-        """A Trainer whose evaluation also measures the sequence KL to other teachers, on the same samples."""
+    from .teacher_sweep import _kl_trainer_class
 
-        kl_teachers: dict = {}
-
-        @torch.no_grad()
-        def evaluate(self):
-            out = super().evaluate()
-            if not self.kl_teachers:
-                return out
-            with seeded(10_000 + self.cfg.seed):  # the evaluation's own samples, drawn again
-                ro = self.rollout(self.eval_rows, samples=1)
-            if out["eval_reward"] != float(ro.rewards.mean()):
-                raise RuntimeError(
-                    "the evaluation samples were not reproduced: KLs would be on other samples"
-                )
-            self.policy.eval()
-            s = response_logits(self.model, ro)[..., : self.vocab].float()
-            for name, t in self.kl_teachers.items():
-                kl = dense_kl(s, teacher_inputs(t, ro, self.vocab).float(), temperature=self.cfg.temperature,
-                              mask=ro.mask)  # fmt: skip
-                out[f"eval_kl_{name}"] = float(kl.sum(1).mean())
-            return out
+    class StudyTrainer(_kl_trainer_class()):
+        """The sweep's trainer (evaluation also measures the KL to the other teachers) plus a final evaluation."""
 
         @torch.no_grad()
         def final_evaluation(self, samples: int) -> dict[str, float]:

@@ -158,6 +158,8 @@ def _kl_trainer_class():
         @torch.no_grad()
         def evaluate(self):
             out = super().evaluate()
+            if not self.kl_teachers:
+                return out
             with seeded(10_000 + self.cfg.seed):  # the evaluation's own samples, drawn again
                 ro = self.rollout(self.eval_rows, samples=1)
             self.policy.eval()

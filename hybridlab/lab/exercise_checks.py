@@ -271,4 +271,4 @@ def _grpo(answer, **_):
 
 
 # the checkers of notebooks 03-07 and of 06 and 08 register on import
-from . import exercise_checks_late, exercise_checks_more  # noqa: E402,F401
+from . import exercise_checks_03_07, exercise_checks_06_08  # noqa: E402,F401

@@ -185,6 +185,19 @@ def trl_distillation_loss(
     return loss.to(student_logits.dtype)
 
 
+def _score_loss(logp, adv, mask, c) -> torch.Tensor:
+    """-sum_b c_b sum_t log pi(y_t) stopgrad(A_t): REINFORCE with per-token advantages [B, T]."""
+    return -(c[:, None] * logp * torch.where(mask, adv.detach(), _zero(adv))).sum()
+
+
+def _group_centred(rewards, group_size: int, dtype) -> torch.Tensor:
+    b = rewards.shape[0]
+    if group_size < 2 or b % group_size:
+        raise ValueError(f"group_size must be >= 2 and divide the batch size: group_size={group_size}, B={b}")
+    r = rewards.to(dtype).reshape(b // group_size, group_size)
+    return (r - r.mean(1, keepdim=True)).reshape(b)
+
+
 def opd_loss(
     student_logits,
     teacher_logits,
@@ -204,9 +217,8 @@ def opd_loss(
     """
     mask = _mask(mask, actions)
     logp, logq, _ = token_terms(student_logits, teacher_logits, actions, mask, temperature)
-    adv = (lam * rewards.to(logp.dtype)[:, None] - beta * (logp - logq)).detach()
-    c = _weights(mask, seq_weights, logp.dtype)
-    return -(c[:, None] * logp * torch.where(mask, adv, _zero(adv))).sum()
+    adv = lam * rewards.to(logp.dtype)[:, None] - beta * (logp - logq)
+    return _score_loss(logp, adv, mask, _weights(mask, seq_weights, logp.dtype))
 
 
 def minillm_loss(
@@ -268,14 +280,12 @@ def grpo_loss(
     """
     mask = _mask(mask, actions)
     b = actions.shape[0]
-    if group_size < 2 or b % group_size:
-        raise ValueError(f"group_size must be >= 2 and divide the batch size: group_size={group_size}, B={b}")
     logp, logq, _ = token_terms(student_logits, teacher_logits, actions, mask, temperature)
-    r = rewards.to(logp.dtype).reshape(b // group_size, group_size)
-    adv = r - r.mean(1, keepdim=True)
+    adv = _group_centred(rewards, group_size, logp.dtype)
     if scale_std:
-        adv = adv / (r.std(1, keepdim=True) + std_eps)
-    adv = (lam * adv).reshape(b)
+        std = rewards.to(logp.dtype).reshape(b // group_size, group_size).std(1, keepdim=True)
+        adv = adv / (std + std_eps).repeat_interleave(group_size, 0).reshape(b)
+    adv = lam * adv
     log_r = logq - logp
     k3 = torch.where(mask, torch.exp(log_r) - 1 - log_r, _zero(logp))
     per_token = logp * adv[:, None] - beta_kl * k3
@@ -307,8 +317,7 @@ def ppo_kl_reward_loss(
     k = torch.where(mask, (logp - logq).detach(), _zero(logp))
     from_t = _future(k, mask, 1.0) + k  # sum_{t' >= t}
     g = lam * rewards.to(logp.dtype)[:, None] - beta * from_t
-    c = _weights(mask, seq_weights, logp.dtype)
-    return -(c[:, None] * logp * torch.where(mask, g, _zero(g))).sum()
+    return _score_loss(logp, g, mask, _weights(mask, seq_weights, logp.dtype))
 
 
 def hybrid_rule_loss(

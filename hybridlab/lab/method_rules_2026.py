@@ -8,20 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .method_rules import _mask, _weights, _zero, opd_loss, token_terms
-
-
-def _score_loss(logp, adv, mask, c) -> torch.Tensor:
-    """-sum_b c_b sum_t log pi(y_t) stopgrad(A_t): REINFORCE with per-token advantages [B, T]."""
-    return -(c[:, None] * logp * torch.where(mask, adv.detach(), _zero(adv))).sum()
-
-
-def _group_centred(rewards, group_size: int, dtype) -> torch.Tensor:
-    b = rewards.shape[0]
-    if group_size < 2 or b % group_size:
-        raise ValueError(f"group_size must be >= 2 and divide the batch size: group_size={group_size}, B={b}")
-    r = rewards.to(dtype).reshape(b // group_size, group_size)
-    return (r - r.mean(1, keepdim=True)).reshape(b)
+from .method_rules import _group_centred, _mask, _score_loss, _weights, opd_loss, token_terms
 
 
 def additive_opd_loss(

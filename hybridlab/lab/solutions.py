@@ -223,7 +223,7 @@ WRONG = {
 }
 
 # notebooks 06 and 08
-from .solutions_late import SOLUTIONS_LATE, WRONG_LATE  # noqa: E402
+from .solutions_06_08 import SOLUTIONS_LATE, WRONG_LATE  # noqa: E402
 
 SOLUTIONS.update(SOLUTIONS_LATE)
 WRONG.update(WRONG_LATE)

@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import urldefrag, urljoin, urlparse
 
 import pytest
+from _browser import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
 
 pytestmark = pytest.mark.browser
 
@@ -29,17 +30,6 @@ ROOT = Path(__file__).resolve().parents[2]
 # Another built copy of the site can be checked with HYBRIDLAB_BOOK_HTML=path/to/html.
 SITE = Path(os.environ.get("HYBRIDLAB_BOOK_HTML", ROOT / "book" / "_build" / "html")).resolve()
 ARTIFACTS = ROOT / "artifacts" / "browser"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 NOTEBOOKS = sorted(p.stem for p in (ROOT / "notebooks").glob("0*.ipynb"))
 PAGES = ["index", "glossary", "references", "api", "genindex", "search"] + [
     f"notebooks/{n}" for n in NOTEBOOKS
