@@ -58,8 +58,10 @@ def test_bench_gpu_section_records_device_steps_and_failures():
     records.append((steps[3], -999, 0.0, ""))
     text = run_gpu.section("NVIDIA H100 80GB HBM3", "torch 2.13.0", records, "2026-01-01 00:00 UTC")
     assert "## GPU run 2026-01-01 00:00 UTC on NVIDIA H100 80GB HBM3" in text
-    assert "| tests | 0 | 12 | `python -m pytest" in text and "| dense | 1 |" in text
-    assert "| tune | timeout |" in text and "| fused 8192:128256:4096 | not run |" in text
+    names = [s.name for s in steps[:4]]
+    assert names == ["tests", "hybrid", "dense", "tune"]  # the priority order (each gets what is left)
+    assert "| tests | 0 | 12 | `python -m pytest" in text and "| hybrid | 1 |" in text
+    assert "| dense | timeout |" in text and "| tune | not run |" in text
     assert "1 passed" in text and "boom" in text and "/venv/bin" not in text
 
 
@@ -118,3 +120,23 @@ def test_dense_methods_are_named_for_what_they_measure(monkeypatch):
     assert liger.ms is not None, liger.note
     assert "liger-kernel 9.9.9" in liger.note and "log_softmax" in liger.note and "SumBackward" in liger.note
     assert by["triton kernel alone"].ms is not None and by[bench.TRITON_AUTOGRAD].ms is not None
+
+
+def test_hybrid_gpu_targets_are_judged_from_the_rows():
+    """The GPU lines of the hybrid table: bandwidth against the 5U model and the TRL comparison, met and missed."""
+    import io
+
+    from hybridlab.bench.hybrid import print_targets
+
+    n, v, elem = 8192, 152064, 2
+    ms_at_copy = 5 * n * v * elem / 1e9 / 1000.0 * 1e3  # ms that 5U takes at 1000 GB/s
+    rows = [("hybrid_loss (triton)", ms_at_copy / 0.7, 1.0, 0.0, ""),
+            ("trl GRPO + GKD jsd(beta=1)", ms_at_copy * 3, 1.0, 50.0, "")]  # fmt: skip
+    out = io.StringIO()
+    print_targets(rows, None, file=out, gpu=(n, v, elem, 1000.0))
+    text = out.getvalue()
+    assert "70%" in text and text.count("| met |") == 3  # bandwidth, TRL, bytes outside the kernels
+    slow = [("hybrid_loss (triton)", ms_at_copy / 0.5, 1.0, 0.0, ""), rows[1]]
+    out = io.StringIO()
+    print_targets(slow, None, file=out, gpu=(n, v, elem, 1000.0))
+    assert "50%" in out.getvalue() and "MISSED" in out.getvalue()  # negative control

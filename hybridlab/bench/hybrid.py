@@ -380,8 +380,9 @@ def print_hybrid_table(device_name, dtype_name, n, v, rows, file=None, h=None):
     return auto
 
 
-def print_targets(rows, dense, file=None):
-    """The CPU targets, met or missed, from the rows measured side by side in this run."""
+def print_targets(rows, dense, file=None, gpu: tuple[int, int, int, float] | None = None):
+    """The targets, met or missed, from the rows measured side by side in this run. `gpu`: (N, V, element
+    bytes, copy GB/s) on a GPU, for the bandwidth target against the 5U byte model and the peer comparison."""
     file = file or sys.stdout
     by = {r[0]: r for r in rows}
     auto, tor, tri = (
@@ -408,6 +409,17 @@ def print_targets(rows, dense, file=None):
     if dense:
         s = dense[1] / dense[0]
         line("dense_kl(torch) speed-up over autograd log_softmax (>= 1.2x)", f"{s:.2f}x", s >= 1.2)
+    if gpu and tri and tri[1]:
+        n, v, elem, copy_gbs = gpu
+        gbs = (
+            5 * n * v * elem / (tri[1] * 1e-3) / 1e9
+        )  # 5U: z, t read twice (forward, backward), grad written
+        line(f"hybrid_loss(triton) GB/s vs copy {copy_gbs:.0f} GB/s, 5U model (>= 60%)",
+             f"{100 * gbs / copy_gbs:.0f}%", gbs >= 0.6 * copy_gbs)  # fmt: skip
+        peer = by.get("trl GRPO + GKD jsd(beta=1)")
+        if peer and peer[1]:
+            line("hybrid_loss(triton) faster than TRL GRPO + GKD loss path", f"{peer[1] / tri[1]:.2f}x",
+                 tri[1] < peer[1])  # fmt: skip
 
 
 def main_hybrid(args, device, dtype, name) -> None:
@@ -451,4 +463,9 @@ def main_hybrid(args, device, dtype, name) -> None:
         print(
             f"\n# dense_kl(torch) {dense[0]:.1f} ms vs autograd log_softmax {dense[1]:.1f} ms (N=512, V=32000)"
         )
-    print_targets(all_rows, dense)
+    gpu = None
+    if not cpu and all_rows:
+        from . import copy_bandwidth_gbs
+
+        gpu = (n, v, torch.finfo(dtype).bits // 8, copy_bandwidth_gbs(device, reps))
+    print_targets(all_rows, dense, gpu=gpu)
