@@ -11,9 +11,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
+from .figures_recipe import RULE_COLORS
 from .figures_training import METHOD_COLORS, _legend_below
 
-LABELS = {"dense_only": "dense only (on-policy distillation)", "rl_only": "RL only", "hybrid": "hybrid"}
+LABELS = {"dense_only": "dense only (on-policy distillation)", "rl_only": "RL only", "hybrid": "hybrid",
+          "hybrid_trust": "hybrid_trust (myopic, beta x teacher's success rate)"}  # fmt: skip
+# the trust rule keeps the colour it has in notebook 06's recipe figures
+STUDY_COLORS = {**METHOD_COLORS, "hybrid_trust": RULE_COLORS["trust_per_prompt"]}
 
 
 def running_mean(x: Sequence[float], k: int = 5) -> np.ndarray:
@@ -99,4 +103,33 @@ def plot_short_run(history: Mapping[str, Sequence[float]], title: str = "A short
     return fig
 
 
-__all__ = ["LABELS", "plot_compare", "plot_short_run", "plot_teacher_advantage", "running_mean"]
+def plot_study(res: Mapping, teacher_sampled: float | None = None) -> Figure:
+    """The 3-seed study (`data/results/real_model_study.json`): per method, the mean over seeds of the 5-step running
+    mean of the training reward, of the sequence KL to the teacher and of the response length, against responses
+    sampled; the band spans the seeds' lowest and highest value at each point."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.9))
+    for m, runs in res["runs"].items():
+        done = [r for r in runs.values() if r["complete"]]
+        if not done:
+            continue
+        col, x = STUDY_COLORS.get(m, "C5"), done[0]["curves"]["samples"]
+        for ax, key in zip(axes, ("reward", "kl", "resp_len")):
+            ys = np.array([running_mean(r["curves"][key]) for r in done])
+            ax.fill_between(x, ys.min(0), ys.max(0), color=col, alpha=0.15, lw=0)
+            ax.plot(x, ys.mean(0), color=col, lw=2, label=f"{LABELS.get(m, m)}, {len(done)} seeds")
+    if teacher_sampled is not None:
+        axes[0].axhline(teacher_sampled, color="k", ls="--", lw=1, label="teacher before training (sampled)")
+    axes[0].fill_between([], [], [], color="0.45", alpha=0.15, label="band: lowest to highest seed")
+    axes[0].set(title="Task reward of the training samples", xlabel="responses sampled",
+                ylabel="exact match (T=1), 5-step mean", ylim=(-0.02, 1.02))  # fmt: skip
+    axes[1].set(
+        title="KL to the teacher", xlabel="responses sampled", ylabel="sequence KL (nats), 5-step mean"
+    )
+    axes[2].set(title="Response length", xlabel="responses sampled", ylabel="tokens, 5-step mean")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    _legend_below(fig, axes[0], ncols=3)
+    return fig
+
+
+__all__ = ["LABELS", "plot_compare", "plot_study", "plot_short_run", "plot_teacher_advantage", "running_mean"]

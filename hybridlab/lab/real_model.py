@@ -29,6 +29,7 @@ from ..tasks import chat as tc
 RESULTS = REPO_ROOT / "data" / "results"
 PROBE_JSON = RESULTS / "real_model_probe.json"
 COMPARE_JSON = RESULTS / "real_model_compare.json"
+STUDY_JSON = RESULTS / "real_model_study.json"
 CPU_CONFIG = REPO_ROOT / "configs" / "real_cpu.yaml"
 METHODS = ("dense_only", "rl_only", "hybrid")
 DIGITS, FMT, SHOTS, SEED = 1, "equation", 2, 0  # the task every stored result uses
@@ -206,6 +207,21 @@ def seeds_at(res: dict, min_step: int = 5) -> list[dict[str, Any]]:
     return at_step(res, step) + [row for o in others for row in at_step(o, step)]
 
 
+def study_table(res: dict) -> str:
+    """The 3-seed study's summary as Markdown: per method, mean +- std over seeds of the last-5-step training
+    reward, the sequence KL, the response length and the last evaluation, and the per-seed rewards."""
+    lines = ["| method | seeds | reward, last 5 steps | per seed | KL/seq, last 5 | length, last 5 | eval greedy acc "
+             "| eval sampled acc |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for m, s in res["summary"].items():
+        r = s["reward_last5"]
+        lines.append(
+            f"| {m} | {r['n']} | {r['mean']:.3f} ± {r['std']:.3f} | {', '.join(f'{x:.3f}' for x in r['per_seed'])} | "
+            f"{s['kl_last5']['mean']:.2f} | {s['resp_len_last5']['mean']:.1f} | {s['eval_greedy_acc']['mean']:.2f} | "
+            f"{s['eval_reward']['mean']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def _ci(x) -> str:
     return f"[{x[0]:.2f}, {x[1]:.2f}]"
 
@@ -259,5 +275,5 @@ def short_run(model, tokenizer, method: str = "hybrid", *, steps: int = 2, promp
 
 __all__ = [
     "COMPARE_JSON", "METHODS", "PROBE_JSON", "accuracy", "at_step", "seeds_at", "answers", "final_table", "format_table", "load",
-    "model_facts", "probe_summary", "prompt_texts", "read_json", "short_run", "targets", "task_rows",
+    "model_facts", "probe_summary", "prompt_texts", "read_json", "short_run", "STUDY_JSON", "study_table", "targets", "task_rows",
 ]  # fmt: skip
