@@ -7,9 +7,7 @@
 Hypothesis, stated before the runs: the rule that won on the toy at every teacher strength (`hybrid_trust`: the
 myopic hybrid, dense KL + the reward's policy gradient, with beta scaled by the teacher's success rate on each
 training prompt) ends above both dense-only and RL-only on SmolLM2-135M-Instruct's chat-addition task (the mean
-over seeds of the training reward over the last 5 steps) and above the teacher's own sampled accuracy (0.79),
-because here the teacher is right on most prompts (per-prompt trust keeps most of the dense signal where it is
-right and removes it where it is wrong).
+over seeds of the training reward over the last 5 steps) and above the teacher's own sampled accuracy (0.79).
 
 Each run is one `experiments.real_compare --one METHOD --seed S` (`configs/real_cpu.yaml` with the method's preset
 on top) in runs/real_study/seed<S>/<method>, resumable: a finished run is skipped, an interrupted one continues from
