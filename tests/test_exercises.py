@@ -138,3 +138,15 @@ def test_triton_guard_says_why(monkeypatch):
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     ok, why = triton_usable()
     assert not ok and "not installed" in why
+
+
+def test_a_result_as_a_cells_value_shows_nothing_more():
+    """`X.check(...)` ends an exercise cell: its verdict is printed once, no raw Result(...) repr below it."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from hybridlab.lab.exercises import Result
+
+    data, _meta = InteractiveShell.instance().display_formatter.format(Result("00.x", False, "not answered yet"))
+    assert data == {}
+    plain, _ = InteractiveShell.instance().display_formatter.format(("00.x", False))  # control: a tuple shows
+    assert "text/plain" in plain

@@ -132,9 +132,21 @@ def test_dpo_is_stationary_exactly_at_the_optimum_of_j(toy):
 def test_markdown_table_has_one_line_per_row(rows):
     table = MM.markdown_table(rows)
     assert table.count("\n") == len(rows) + 1
-    for line in table.splitlines():  # no stray '|' inside a cell: exactly 7 columns
-        assert line.count("|") == 8, line
+    for line in table.splitlines():  # no stray '|' inside a cell: exactly 5 columns
+        assert line.count("|") == 6, line
     assert "not expressible" in table
+    # narrow enough for a laptop page: no long code span or verdict in a column (they go to the list)
+    assert "`" not in table and all(r.verdict not in table for r in rows)
+    widest = max(len(cell.strip()) for line in table.splitlines()[2:] for cell in line.split("|")[2:])
+    assert widest <= 20, widest
+
+
+def test_markdown_settings_lists_every_row_with_its_setting_and_verdict(rows):
+    items = MM.markdown_settings(rows).splitlines()
+    assert len(items) == len(rows) == 22  # the whole map, the 2026 family included
+    for item, r in zip(items, rows):
+        assert item.startswith(f"- **{r.name}**")
+        assert f"`{r.setting}`" in item and f"`{r.wrong_setting}`" in item and r.verdict in item
 
 
 @pytest.mark.parametrize("divergence", ["reverse", "forward"])

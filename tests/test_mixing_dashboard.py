@@ -69,3 +69,28 @@ def test_controls_without_effect_in_exact_mode_are_disabled_and_the_figure_sits_
     children = lab.widget.children
     assert children[-1] is lab.image  # full width under the controls, not squeezed beside them
     assert lab.image.layout.width == "100%" and lab.image.layout.max_width == "1000px"
+    assert (
+        lab.image.layout.margin == "0"
+    )  # a 100%-wide image with the default 2 px margins overflows its cell
+
+
+def test_things_to_try_loophole_recovery_takes_what_notebook_05_says():
+    """05's "Things to try": with beta -> 0 the loophole takes over (P(bbb) > 0.99 after about 50 steps); raised
+    to beta = 0.5 after 150 hacked steps, the student leaves it (P(bbb) < 0.1) in roughly 70-90 steps and settles
+    on pi* (TV < 0.05) after roughly 340 steps. Measured with the lab's defaults (Adam, lr 0.1, exact mode)."""
+    from hybridlab.lab.mixing import MixingModel
+
+    lab = MixingModel(seed=0, reward="loophole", beta=0.0).run(150)
+    first = next(i + 1 for i, p in enumerate(lab.history["hack"]) if p > 0.99)
+    assert 35 <= first <= 70, first
+    lab.set(beta=0.5)
+    leave = settle = None
+    for step in range(1, 601):
+        lab.step()
+        m = lab.metrics()
+        leave = leave or (step if m["hack"] < 0.1 else None)
+        if m["dist_to_opt"] < 0.05:
+            settle = step
+            break
+    assert leave is not None and 60 <= leave <= 95, leave  # "leaves quickly", not at once
+    assert settle is not None and 290 <= settle <= 400, settle  # "roughly 340 steps": several Runs of 100

@@ -85,6 +85,10 @@ class Result:
         mark = "right" if self.passed else "not yet"
         return f"[{mark}] exercise {self.key}: {self.message}"
 
+    def _ipython_display_(self) -> None:
+        # `check` has printed the verdict already; as a cell's last value the result would add a raw repr below it
+        pass
+
 
 REGISTRY: dict[str, Exercise] = {}
 _LOADED = False

@@ -198,9 +198,10 @@ class _Dashboard:
         ("grad_var", ("grad_var", "hack")),  # sampled mode: the variance; exact mode (no noise): P(bbb)
     )
     FONT = 10  # the smallest font (pt): 11 px at dpi 80, still >= 9 px when shown at 85% in a ~1000 px window
+    DPI = 80  # 12.5 x 6.4 in -> 1000 x 512 px
 
     def __init__(self, labels: Sequence[str], loophole_index: int):
-        self.fig = Figure(figsize=(12.5, 6.4), dpi=80)  # 1000 x 512 px
+        self.fig = Figure(figsize=(12.5, 6.4), dpi=self.DPI)  # 1000 x 512 px
         FigureCanvasAgg(self.fig)
         axes = self.fig.subplots(2, 4).ravel()
         # A fixed layout: a layout engine would re-measure every label at every redraw (2x slower).
@@ -480,7 +481,10 @@ class MixingLab(MixingModel):
         status.add_class("hybridlab-status")
         # The figure takes the full width under the controls (1000 px wide, never stretched beyond its size):
         # beside them it would be shrunk to ~60% on a laptop screen and its labels would become unreadable.
-        image = W.Image(format="png", layout=W.Layout(width="100%", max_width="1000px", min_width="0"))
+        # (no margin: ipywidgets' default 2 px each side would push a 100%-wide image past the output's edge)
+        image = W.Image(
+            format="png", layout=W.Layout(width="100%", max_width="1000px", min_width="0", margin="0")
+        )
         image.add_class("hybridlab-figure")
         names = list(controls)
         column = {"layout": W.Layout(flex="0 1 330px")}
@@ -537,7 +541,7 @@ class MixingLab(MixingModel):
         n = len(self.history["step"])
         m, s, t = self.metrics(), self.settings, self.timings
         self.status.value = (
-            f"<span style='font-family:monospace;font-size:12px'>step {n} · E[R] {m['reward']:.3f} · "
+            f"<span style='font-family:monospace;font-size:11px'>step {n} · E[R] {m['reward']:.3f} · "
             f"KL {m['kl']:.3f} · TV(π*) {m['dist_to_opt']:.3f}<br>"
             f"λ {s['lam']:.2f} · β {s['beta']:.2f} · γ {s['gamma']:.2f} · {s['mode']} · {s['reward']}<br>"
             f"last run {t['train_s']:.2f} s · draw {t['draw_s']:.2f} s</span>"

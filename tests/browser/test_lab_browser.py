@@ -30,6 +30,7 @@ NOTEBOOK = ROOT / "notebooks" / "05_mixing_lab.ipynb"
 ARTIFACTS = ROOT / "artifacts" / "browser"
 # Generous waits: a loaded CI machine may be slow. Latency is printed and written to artifacts/, never asserted.
 WAIT_S = 300
+LAPTOP_WIDTH = 1280  # px: the dashboard must stay readable at this window width (file browser open)
 
 
 def _free_port() -> int:
@@ -136,7 +137,7 @@ def test_slider_and_run_redraw_the_figure(tmp_path):
         _wait_for_server(f"{base}/api/status?token={token}", server, log, timeout=WAIT_S)
         with sync_api.sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-            page = browser.new_page(viewport={"width": 1500, "height": 1000})
+            page = browser.new_page(viewport={"width": LAPTOP_WIDTH, "height": 900})  # a laptop screen
             try:
                 _drive_lab(page, f"{base}/lab/tree/{NOTEBOOK.name}?token={token}", start)
             except Exception:
@@ -196,6 +197,7 @@ def _drive_lab(page, url: str, start: float) -> None:
         "el => el.textContent.includes('step 100')", arg=status.element_handle(), timeout=left(30)
     )
     figure.scroll_into_view_if_needed()
+    _assert_readable_at_laptop_width(page, lab, figure)
     before = figure.screenshot(path=str(ARTIFACTS / "lab_before.png"))
     src_before = figure.get_attribute("src")
 
@@ -235,3 +237,26 @@ def _drive_lab(page, url: str, start: float) -> None:
     assert changed > 0.02, (
         f"the figure barely changed after moving λ and clicking Run ({changed:.1%} of pixels)"
     )
+
+
+def _assert_readable_at_laptop_width(page, lab, figure) -> None:
+    """The dashboard as the browser draws it: its smallest label (FONT pt at the figure's dpi, scaled by the
+    shown/natural width of the image) is >= 9 px, and the lab's controls fit the notebook without a scrollbar."""
+    from hybridlab.lab.mixing_lab import _Dashboard
+
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=figure.element_handle())
+    shown, natural = figure.evaluate("img => [img.getBoundingClientRect().width, img.naturalWidth]")
+    smallest_px = _Dashboard.FONT * _Dashboard.DPI / 72 * shown / natural
+    scroll, client = lab.evaluate("el => [el.scrollWidth, el.clientWidth]")
+    (ARTIFACTS / "laptop_width.txt").write_text(
+        f"window {LAPTOP_WIDTH} px: figure shown {shown:.0f} of {natural} px, smallest label {smallest_px:.1f} px; "
+        f"lab {scroll} px of content in {client} px\n"
+    )
+    print(f"figure shown at {shown:.0f}/{natural} px: smallest label {smallest_px:.1f} px")
+    assert smallest_px >= 9, f"labels render at {smallest_px:.1f} px (< 9) at {LAPTOP_WIDTH} px window width"
+    wide = lab.evaluate(
+        """el => { const right = el.getBoundingClientRect().right;
+                   return [...el.querySelectorAll('*')].filter(c => c.getBoundingClientRect().right > right + 1)
+                       .slice(0, 5).map(c => c.className + ' ' + Math.round(c.getBoundingClientRect().right - right)); }"""
+    )
+    assert scroll <= client + 1, f"the lab overflows: {scroll} px of content in {client} px: {wide}"
