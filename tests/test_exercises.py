@@ -146,7 +146,9 @@ def test_a_result_as_a_cells_value_shows_nothing_more():
 
     from hybridlab.lab.exercises import Result
 
-    data, _meta = InteractiveShell.instance().display_formatter.format(Result("00.x", False, "not answered yet"))
+    data, _meta = InteractiveShell.instance().display_formatter.format(
+        Result("00.x", False, "not answered yet")
+    )
     assert data == {}
     plain, _ = InteractiveShell.instance().display_formatter.format(("00.x", False))  # control: a tuple shows
     assert "text/plain" in plain
