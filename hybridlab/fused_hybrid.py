@@ -38,7 +38,7 @@ from ._checks import (
 from ._logits import row_shift
 from ._onepass import fused_hybrid_rows
 from .fused_linear import DEFAULT_CHUNK, _accumulate_mm, check_dense_kl_args, dense_kl_checked
-from .hybrid import HybridLossOutput, _normalizer, assemble, check_batch, check_weights
+from .hybrid import HybridLossOutput, _normalizer, assemble, check_batch, check_future_norm, check_weights
 from .topk import TopKTeacher
 
 
@@ -217,7 +217,7 @@ def fused_hybrid_loss(
     *,
     mask: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
-    beta: float = 1.0,
+    beta: float | torch.Tensor = 1.0,
     lam: float = 1.0,
     future: str = "analytic",
     gamma: float = 1.0,
@@ -230,6 +230,7 @@ def fused_hybrid_loss(
     teacher_floor: float | None = None,
     chunk_size: int = DEFAULT_CHUNK,
     logprob_precision: str | torch.dtype | float = "auto",
+    future_norm: str = "sum",
 ) -> HybridLossOutput:
     """`hybrid_loss` with the student given as hidden states [B, T, H] and LM head weight [V, H] (+ bias [V]).
 
@@ -249,7 +250,8 @@ def fused_hybrid_loss(
     v = weight.shape[0]
     mask = check_batch(b, t, v, hidden.device, actions, rewards, mask, seq_weights, baseline, future, gamma,
                        "hidden", mask_checked=True)  # fmt: skip
-    check_weights(beta, lam)
+    check_weights(beta, lam, b)
+    check_future_norm(future_norm)
     dtype = _cdt(hidden)
     c = _normalizer(normalize, mask, seq_weights, dtype)  # [B]
     if not isinstance(teacher, TopKTeacher):  # one pass: row scalars forward, the combined gradient backward
@@ -257,7 +259,8 @@ def fused_hybrid_loss(
         kl, logp, t_logp = fused_hybrid_rows(hidden, weight, bias, teacher_rows, actions, mask, tau, teacher_floor,
                                              name, chunk_size)  # fmt: skip
         return assemble(kl.to(dtype), logp.to(dtype), t_logp.to(dtype), rewards, mask, c, beta=beta, lam=lam,
-                        future=future, gamma=gamma, baseline=baseline, group_size=group_size)  # fmt: skip
+                        future=future, gamma=gamma, baseline=baseline, group_size=group_size,
+                        future_norm=future_norm)  # fmt: skip
     zero = torch.zeros((), dtype=dtype, device=hidden.device)
     row_w = torch.where(mask, c[:, None].expand(b, t), zero).detach()
 
@@ -278,7 +281,7 @@ def fused_hybrid_loss(
                 teacher, actions, mask=mask, teacher_floor=teacher_floor, chunk_size=chunk_size
             ).to(dtype)
     return assemble(kl, logp, t_logp, rewards, mask, c, beta=beta, lam=lam, future=future, gamma=gamma,
-                    baseline=baseline, group_size=group_size)  # fmt: skip
+                    baseline=baseline, group_size=group_size, future_norm=future_norm)  # fmt: skip
 
 
 __all__ = ["fused_hybrid_loss", "fused_linear_logprobs", "teacher_selected_logprobs"]

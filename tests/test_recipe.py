@@ -412,3 +412,14 @@ def test_recipe_keys_from_the_command_line():
         parse_args([*base, "--teacher_trust", "always"])
     with pytest.raises(ValueError, match="needs lam_final"):
         parse_args([*base, "--lam_schedule", "linear"])
+
+
+def test_future_norm_reaches_the_engines_loss(tok, rows):
+    """future_norm='mean' (a length-neutral future KL) must change the engine's update on the same rollouts; before
+    the fix the setting was validated and then dropped, so both runs made the same update."""
+    mean = make_trainer(tok, rows, preset="hybrid", future_norm="mean")
+    ros = mean.generate()
+    g_mean, _ = step_grad(mean, ros)
+    g_sum, _ = step_grad(make_trainer(tok, rows, preset="hybrid"), ros)
+    assert mean.loss_kw["future_norm"] == "mean"
+    assert rel(g_mean, g_sum) > 1e-3

@@ -186,6 +186,8 @@ class Trainer(RecipeMixin, CheckpointMixin):
             "group_size": cfg.samples_per_prompt, "temperature": cfg.temperature, "backend": cfg.dense_backend,
             "teacher_floor": cfg.teacher_floor,
         }  # fmt: skip
+        if cfg.future_norm != "sum":  # only the hybrid loss takes it (validated in TrainConfig)
+            self.loss_kw["future_norm"] = cfg.future_norm
         self.step = self.samples_seen = self.tokens_seen = 0
         self.history: dict[str, list] = {}
         self.rows_log: list[dict] = []

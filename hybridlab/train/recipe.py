@@ -123,18 +123,29 @@ class RecipeMixin:
     def beta_of(self, ro: Rollout, beta: float) -> float | torch.Tensor:
         """The loss's beta for a rollout: a number, or [B] per response under per-prompt trust or the gate."""
         cfg = self.cfg
-        if cfg.teacher_trust == "global":
-            beta = beta * self.trust_mean
-        if cfg.teacher_trust != "per_prompt" and cfg.dense_gate == "none":
-            return beta
-        b = torch.full((len(ro.prompts),), float(beta), dtype=torch.float64, device=self.device)
-        if cfg.teacher_trust == "per_prompt":
-            missing = [p for p in ro.prompts if p not in self.trust]
-            if missing:
-                raise KeyError(
-                    f"teacher_trust: no success rate for prompt {missing[0]!r} (not a training prompt)"
-                )
-            b = b * torch.tensor([self.trust[p] for p in ro.prompts], dtype=torch.float64, device=self.device)
-        if cfg.dense_gate == "incorrect":
-            b = b * (ro.rewards.to(self.device) < cfg.gate_reward).to(torch.float64)
-        return b
+        return recipe_beta(beta, ro.prompts, ro.rewards.to(self.device), cfg.teacher_trust, self.trust,
+                           self.trust_mean, cfg.dense_gate, cfg.gate_reward, source="teacher_trust")  # fmt: skip
+
+
+def recipe_beta(beta: float, prompts: list[str], rewards: torch.Tensor, trust: str, rates: dict[str, float] | None,
+                mean: float | None, gate: str, gate_reward: float, source: str) -> float | torch.Tensor:  # fmt: skip
+    """The teacher weight of each response after teacher trust and the reward gate (see `config.SCHEDULES`).
+
+    beta: the step's weight (after its schedule); prompts: the B responses' prompt texts; rewards: [B] their
+    rewards (float, on the loss's device). trust 'global': beta x `mean`; 'per_prompt': beta x rates[prompt]
+    (a prompt without a rate is a KeyError naming `source`, where the rates come from); gate 'incorrect': 0 on
+    responses with reward >= gate_reward. Returns the number beta when neither per-response rule is on, else a
+    [B] float64 tensor."""
+    if trust == "global":
+        beta = beta * mean
+    if trust != "per_prompt" and gate == "none":
+        return beta
+    b = torch.full((len(prompts),), float(beta), dtype=torch.float64, device=rewards.device)
+    if trust == "per_prompt":
+        missing = [p for p in prompts if p not in rates]
+        if missing:
+            raise KeyError(f"{source}: no success rate for prompt {missing[0]!r} (not a training prompt)")
+        b = b * torch.tensor([rates[p] for p in prompts], dtype=torch.float64, device=b.device)
+    if gate == "incorrect":
+        b = b * (rewards < gate_reward).to(torch.float64)
+    return b

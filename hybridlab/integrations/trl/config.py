@@ -1,11 +1,23 @@
 """`HybridGRPOConfig`: GRPO's config plus the hybrid objective's settings, and the checks that refuse what the
-on-policy hybrid update cannot honour (each error names the setting). See `hybridlab.integrations.trl`."""
+on-policy hybrid update cannot honour (each error names the setting). See `hybridlab.integrations.trl`.
+
+Recipe settings: hybridlab.train's, with its defaults, help and rules (`lam_schedule`, `teacher_beta_schedule` = its
+`beta_schedule`, `lam_final`, `teacher_beta_final`, `switch_step`, `plateau_window`, `plateau_tol`, `teacher_trust`,
+`dense_gate`, `gate_reward`, `future_norm`). A step is an optimiser step (`state.global_step` of `max_steps`); a
+plateau is read from each step's mean training reward, which the checkpoints keep. A constant schedule, teacher
+trust and `future_norm="sum"` keep the update the gradient of one fixed objective (with trust, the future KL kept:
+E_x[lam E_y R - teacher_beta p_T(x) KL_x]); a schedule follows the objective of each step; the gate and
+`future_norm="mean"` are biased heuristics. The teacher's success rates are not sampled here: `teacher_trust_rates`
+names a JSON file, e.g. the `teacher_trust.json` that a hybridlab.train run with the same teacher, prompts and
+reward writes (into its output_dir, or its `trust_cache`).
+"""
 
 from __future__ import annotations
 
 import math
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import get_args
 
 try:
     import trl
@@ -17,8 +29,9 @@ except ImportError as e:  # pragma: no cover - exercised only without trl
 
 from packaging.version import Version
 
-from ...hybrid import NORMALIZATIONS
+from ...hybrid import FUTURE_NORMS, NORMALIZATIONS
 from ...sparse import FUTURE_ESTIMATORS
+from ...train.config import SCHEDULES, Gate, TrainConfig, Trust, WeightSchedule
 
 TRL_SUPPORTED = (">=1.16", "<1.17")
 if not Version("1.16") <= Version(Version(trl.__version__).base_version) < Version("1.17"):
@@ -43,6 +56,33 @@ _FILTER_KWARGS = {
     "guidance_scale": (None, 1.0), "watermarking_config": (None,), "logits_processor": (None,),
     "stop_strings": (None,), "do_sample": (True,), "num_beams": (1, None), "temperature": None,
 }  # fmt: skip
+
+
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+def _objectives(text: str) -> dict[str, str]:
+    """hybridlab.train.config.SCHEDULES as {setting: what it optimises} (one paragraph per 'a / b:' heading)."""
+    out, keys = {}, []
+    for line in text.strip().splitlines():
+        if not line.startswith(" "):
+            head, _, line = line.partition(": ")
+            keys = head.split(" / ")
+        for k in keys:
+            out[k] = f"{out.get(k, '')} {line.strip()}".strip()
+    return out
+
+
+_ENGINE_FIELDS, _OBJECTIVE = {f.name: f for f in fields(TrainConfig)}, _objectives(SCHEDULES)
+
+
+def _engine(name: str, prefix: str = "", suffix: str = ""):
+    """A field with hybridlab.train's default and help for `name`, followed by what the setting optimises."""
+    f = _ENGINE_FIELDS[name]
+    objective = _OBJECTIVE.get(name)
+    help = prefix + f.metadata["help"] + (f". Objective: {objective}" if objective else "") + suffix
+    return _f(f.default, help)
 
 
 @dataclass
@@ -119,6 +159,31 @@ class HybridGRPOConfig(GRPOConfig):
             "the teacher scores the student's completion after it (context distillation). None: the student's."
         },
     )
+    # -- weights over training, trust in the teacher, gating: hybridlab.train's recipe settings, with its defaults
+    # and its help, what each optimises included (hybridlab.train.config.SCHEDULES); its beta is teacher_beta here
+    lam_schedule: str = _engine("lam_schedule")
+    lam_final: float | None = _engine("lam_final")
+    teacher_beta_schedule: str = _engine(
+        "beta_schedule", "hybridlab.train's beta_schedule, for teacher_beta: "
+    )
+    teacher_beta_final: float | None = _engine(
+        "beta_final", "for teacher_beta (hybridlab.train's beta_final): "
+    )
+    switch_step: int = _engine("switch_step")
+    plateau_window: int = _engine("plateau_window")
+    plateau_tol: float = _engine("plateau_tol")
+    teacher_trust: str = _engine(
+        "teacher_trust", suffix=" Here the rates are not sampled: they are read from teacher_trust_rates."
+    )
+    teacher_trust_rates: str | None = _f(
+        None, "JSON file of the teacher's success rates, estimated before training: hybridlab.train's "
+        "teacher_trust.json ({'key', 'mean', 'rates': {prompt: rate}}) or a plain {prompt: rate}; the prompt is "
+        "the dataset's prompt text (a conversational prompt: its last message's content); per_prompt needs every "
+        "training and evaluation prompt. 'global' uses the file's 'mean', else the mean over the training rows.",
+    )  # fmt: skip
+    dense_gate: str = _engine("dense_gate")
+    gate_reward: float = _engine("gate_reward")
+    future_norm: str = _engine("future_norm")
     # GRPO defaults changed for an on-policy update
     disable_dropout: bool = field(
         default=True, metadata={"help": "Dropout makes the trained policy differ from the sampling policy."}
@@ -152,6 +217,38 @@ def _parse_normalize(value):
     return x
 
 
+def _check_recipe_args(a: HybridGRPOConfig) -> None:
+    """The recipe settings: names from hybridlab.train's lists, weights finite and >= 0, a schedule's needs."""
+    for name, allowed in (("lam_schedule", get_args(WeightSchedule)), ("teacher_beta_schedule", get_args(WeightSchedule)),
+                          ("teacher_trust", get_args(Trust)), ("dense_gate", get_args(Gate)),
+                          ("future_norm", FUTURE_NORMS)):  # fmt: skip
+        if getattr(a, name) not in allowed:
+            raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(a, name)!r}")
+    for name in ("lam_final", "teacher_beta_final", "plateau_tol", "gate_reward"):
+        v = getattr(a, name)
+        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v)):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
+    for name in ("lam_final", "teacher_beta_final", "plateau_tol"):
+        if getattr(a, name) is not None and getattr(a, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(a, name)!r}")
+    if not (isinstance(a.switch_step, int) and a.switch_step >= 0):
+        raise ValueError(f"switch_step must be an integer >= 0, got {a.switch_step!r}")
+    if not (isinstance(a.plateau_window, int) and a.plateau_window > 0):
+        raise ValueError(f"plateau_window must be a positive integer, got {a.plateau_window!r}")
+    for w in ("lam", "teacher_beta"):
+        kind = getattr(a, f"{w}_schedule")
+        if kind == "switch" and not a.switch_step > 0:
+            raise ValueError(f"{w}_schedule='switch' needs switch_step > 0 (the first step with {w}_final), got "
+                             f"switch_step={a.switch_step}")  # fmt: skip
+        if kind != "constant" and getattr(a, f"{w}_final") is None:
+            raise ValueError(f"{w}_schedule={kind!r} needs {w}_final (the weight it goes to)")
+    if a.teacher_trust != "none" and not a.teacher_trust_rates:
+        raise ValueError(f"teacher_trust={a.teacher_trust!r} needs teacher_trust_rates (a JSON file of the "
+                         "teacher's success rate per prompt, e.g. hybridlab.train's teacher_trust.json)")  # fmt: skip
+    if a.teacher_trust == "none" and a.teacher_trust_rates:
+        raise ValueError(f"teacher_trust_rates={a.teacher_trust_rates!r} is set but teacher_trust='none'")
+
+
 def _check_hybrid_args(a: HybridGRPOConfig) -> None:
     """Raise ValueError naming the setting for anything the hybrid update cannot honour."""
     for name in ("lam", "teacher_beta"):
@@ -168,6 +265,7 @@ def _check_hybrid_args(a: HybridGRPOConfig) -> None:
             f"beta={a.beta}: GRPO's reference KL is not part of the hybrid update. For a KL to a frozen reference, "
             "pass the reference model as teacher_model and set teacher_beta (and beta=0)."
         )
+    _check_recipe_args(a)
     if a.future not in FUTURE_ESTIMATORS:
         raise ValueError(f"future must be one of {FUTURE_ESTIMATORS}, got {a.future!r}")
     if not (isinstance(a.gamma, (int, float)) and 0.0 <= a.gamma <= 1.0):

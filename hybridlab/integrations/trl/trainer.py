@@ -16,6 +16,7 @@ from ...fused_hybrid import fused_hybrid_loss
 from ...hybrid import hybrid_loss
 from ...sparse import combined_returns, future_sum, group_loo_mean, kl_estimate, selected_logprobs
 from .config import HybridGRPOConfig, _check_hybrid_args
+from .recipe import RecipeMixin
 
 
 def _accepts(model, name: str) -> bool:
@@ -56,7 +57,7 @@ def _logit_postprocessing(model) -> list[str]:
     return found
 
 
-class HybridGRPOTrainer(GRPOTrainer):
+class HybridGRPOTrainer(RecipeMixin, GRPOTrainer):
     """`GRPOTrainer` with hybridlab's update: J = E[lam R] - teacher_beta KL(student || teacher).
 
     Args (besides GRPOTrainer's, all passed through):
@@ -136,6 +137,7 @@ class HybridGRPOTrainer(GRPOTrainer):
             quantization_config=quantization_config, peft_config=peft_config, tools=tools,
             rollout_func=rollout_func, environment_factory=environment_factory,
         )  # fmt: skip
+        self._recipe_init()  # schedules, teacher trust (its rates file is read and checked here), gate
 
         student = self.accelerator.unwrap_model(self.model)
         self.teacher_client = None
@@ -324,7 +326,10 @@ class HybridGRPOTrainer(GRPOTrainer):
                 stacklevel=2,
             )
         g = self.num_generations if mode == "train" else self.num_generations_eval
-        base = self._group_baseline(out, mask, r_all, r_local, g)
+        out["hybrid_lam"], beta_k, out["hybrid_beta"] = self.recipe_weights(
+            inputs, r_all, r_local, unscorable, mode
+        )
+        base = self._group_baseline(out, mask, r_all, r_local, g, beta_k)
         if base is not None:
             out["hybrid_baseline"] = base
         return out
@@ -373,27 +378,28 @@ class HybridGRPOTrainer(GRPOTrainer):
         return t_ids.to(device), t_mask.to(device)
 
     @torch.no_grad()
-    def _group_baseline(self, out, mask, r_all, r_local, g) -> torch.Tensor | None:
-        """b(s_t) [B_local, T] of the whole gathered batch's groups (hybridlab's leave-one-out baselines)."""
-        a = self.args
+    def _group_baseline(self, out, mask, r_all, r_local, g, beta_k: float) -> torch.Tensor | None:
+        """b(s_t) [B_local, T] of the whole gathered batch's groups (hybridlab's leave-one-out baselines), with this
+        step's weights (`beta_k`: the step's teacher_beta, the same on every process; per completion in out)."""
+        a, (lam, beta) = self.args, self.loss_weights(out)
         if a.baseline == "none":
             return None
         t = mask.shape[1]
         if g < 2:  # evaluation with num_generations_eval = 1: no group to leave one out of
             return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-        if a.baseline == "reward_group" or a.future == "none" or a.teacher_beta == 0.0:
+        if a.baseline == "reward_group" or a.future == "none" or beta_k == 0.0:  # one branch on every process
             # returns are lam R at every position: the two group baselines coincide
-            loo = group_loo_mean(a.lam * r_all, g)[self._local_slice(mask.shape[0])].to(mask.device)
+            loo = group_loo_mean(lam * r_all, g)[self._local_slice(mask.shape[0])].to(mask.device)
             return loo[:, None].expand(-1, t).clone()
         k = self._future_kl_terms(out, mask)  # [B, T] per-token KL estimates under the current policy
-        fut = future_sum(k, mask, a.gamma)
-        ret = combined_returns(r_local, fut, mask, lam=a.lam, beta=a.teacher_beta)
-        padded = torch.where(mask, ret, a.lam * r_local[:, None])
+        fut = self.future_for_returns(future_sum(k, mask, a.gamma), mask)
+        ret = combined_returns(r_local, fut, mask, lam=lam, beta=beta)
+        padded = torch.where(mask, ret, lam * r_local[:, None])
         ret_all = self.accelerator.gather(
             self.accelerator.pad_across_processes(padded, dim=1, pad_index=math.nan)
         )
         # positions past a process's longest completion count lam R, as a finished sample does in hybridlab
-        ret_all = torch.where(torch.isnan(ret_all), a.lam * r_all[:, None].to(ret_all), ret_all)
+        ret_all = torch.where(torch.isnan(ret_all), lam * r_all[:, None].to(ret_all), ret_all)
         return group_loo_mean(ret_all, g)[self._local_slice(mask.shape[0]), :t].contiguous()
 
     def _local_slice(self, b: int) -> slice:
@@ -487,8 +493,9 @@ class HybridGRPOTrainer(GRPOTrainer):
         n, v = actions.shape[1], self.vocab_size
         c = self.hybrid_coefficients(inputs)
         baseline = inputs.get("hybrid_baseline")
+        lam, beta = self.loss_weights(inputs)  # this step's, after schedules, teacher trust and the gate
         kw = dict(
-            mask=mask, beta=a.teacher_beta, lam=a.lam, future=a.future, gamma=a.gamma,
+            mask=mask, beta=beta, lam=lam, future=a.future, gamma=a.gamma, future_norm=a.future_norm,
             baseline="none" if baseline is None else baseline, temperature=a.temperature, normalize=1.0,
             seq_weights=c, backend=a.dense_backend, teacher_floor=a.teacher_floor,
         )  # fmt: skip
