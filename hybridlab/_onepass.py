@@ -174,7 +174,7 @@ def backward_torch(z, t, y, plan: RowPlan, fast: list, tau: float, floor, a, b, 
             _, _, p, diff, kl_c = _careful_rows(zc, tc, yc, tau, floor, cdt)
             res = diff.sub_(kl_c[:, None]).mul_(a_c[:, None]).sub_(b_c[:, None]).mul_(p)
             res.scatter_add_(1, yc[:, None], b_c[:, None])
-        out[sel] = res  # one rounding into the student's dtype
+        out[sel] = res.to(out.dtype)  # one rounding into the student's dtype (index_put wants equal dtypes)
     return out
 
 
@@ -222,7 +222,7 @@ def dense_kl_fast_torch(student, teacher, active, temperature: float, need_grad:
         if grad.dtype == cdt and not plan.index:
             torch.ops.aten._softmax_backward_data.out(g, p, -1, cdt, grad_input=grad[sel])
         else:
-            grad[sel] = torch._softmax_backward_data(g, p, -1, cdt)
+            grad[sel] = torch._softmax_backward_data(g, p, -1, cdt).to(grad.dtype)
     return kl, grad
 
 
@@ -233,14 +233,7 @@ class HybridRowsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, t, active, y, tau, floor, backend):
         ctx.set_materialize_grads(False)
-        if backend == "triton" and z.dtype != torch.float64 and t.dtype != torch.float64:
-            from .kernels.hybrid_triton import hybrid_rows_forward
-
-            kl, logp, tlogp, state = hybrid_rows_forward(z, t, y, active, tau, floor)
-            ctx.state = ("triton", state)
-        else:
-            kl, logp, tlogp, plan, fast = forward_torch(z, t, y, active, tau, floor)
-            ctx.state = ("torch", (plan, fast))
+        kl, logp, tlogp, ctx.state = rows_forward(z, t, y, active, tau, floor, backend)
         if not torch.isfinite(kl).all():  # one cheap check on [N]; the costly diagnosis only on failure
             from .dense import _diagnose
 
@@ -263,15 +256,43 @@ class HybridRowsFunction(torch.autograd.Function):
         if active is not None:  # inactive rows get exactly 0, whatever their upstream gradient
             a = torch.where(active, a, 0.0)
             b = torch.where(active, b, 0.0)
-        kind, state = ctx.state
-        if kind == "triton":
-            from .kernels.hybrid_triton import hybrid_rows_backward
-
-            grad = hybrid_rows_backward(z, t, y, active, ctx.tau, ctx.floor, state, a, b)
-        else:
-            plan, fast = state
-            grad = backward_torch(z, t, y, plan, fast, ctx.tau, ctx.floor, a, b)
+        grad = rows_backward(z, t, y, active, ctx.tau, ctx.floor, ctx.state, a, b)
         return grad, None, None, None, None, None, None
+
+
+def rows_forward(z, t, y, active, tau: float, floor, backend: str):
+    """(kl, logp_y, tlogp_y) [N] of [N, V] logits by `backend`, and the state `rows_backward` needs. fp64 inputs
+    always take the torch path (exact enumeration: the careful arithmetic matters, speed does not)."""
+    fp64 = z.dtype == torch.float64 or t.dtype == torch.float64
+    if backend == "triton" and not fp64:
+        from .kernels.hybrid_triton import hybrid_rows_forward
+
+        kl, logp, tlogp, state = hybrid_rows_forward(z, t, y, active, tau, floor)
+        return kl, logp, tlogp, ("triton", state)
+    if backend == "compiled" and not fp64 and floor is None:
+        from ._compiled import forward_compiled
+
+        res = forward_compiled(z, t, y, active, tau)
+        if res is not None:  # else a row needs the careful arithmetic of the eager path
+            return *res[:3], ("compiled", res[3])
+    kl, logp, tlogp, plan, fast = forward_torch(z, t, y, active, tau, floor)
+    return kl, logp, tlogp, ("torch", (plan, fast))
+
+
+def rows_backward(z, t, y, active, tau: float, floor, state, a, b, out=None):
+    """The combined gradient [N, V] for upstream gradients a, b [N] (0 on inactive rows), by the backend that
+    ran the forward. `out` (torch and Triton paths) may be z itself: each chunk is read before it is written."""
+    kind, st = state
+    if kind == "triton":
+        from .kernels.hybrid_triton import hybrid_rows_backward
+
+        return hybrid_rows_backward(z, t, y, active, tau, floor, st, a, b, out=out)
+    if kind == "compiled":
+        from ._compiled import backward_compiled
+
+        return backward_compiled(z, t, y, active, tau, st, a, b)
+    plan, fast = st
+    return backward_torch(z, t, y, plan, fast, tau, floor, a, b, out=out)
 
 
 def hybrid_rows(student, teacher, actions, mask, tau: float, floor, backend: str):
@@ -286,28 +307,6 @@ def hybrid_rows(student, teacher, actions, mask, tau: float, floor, backend: str
     active = None if mask is None else mask.reshape(-1)
     kl, logp, tlogp = HybridRowsFunction.apply(z, t, active, y, tau, floor, backend)
     return kl.reshape(batch), logp.reshape(batch), tlogp.reshape(batch)
-
-
-def _rows_forward(logits, t_c, y_c, tau: float, floor, backend: str):
-    """Row scalars of one chunk of logits and the state its backward needs."""
-    if backend == "triton" and logits.dtype != torch.float64 and t_c.dtype != torch.float64:
-        from .kernels.hybrid_triton import hybrid_rows_forward
-
-        kl, logp, tlogp, state = hybrid_rows_forward(logits, t_c, y_c, None, tau, floor)
-        return kl, logp, tlogp, ("triton", state)
-    kl, logp, tlogp, plan, fast = forward_torch(logits, t_c, y_c, None, tau, floor)
-    return kl, logp, tlogp, ("torch", (plan, fast))
-
-
-def _rows_backward(logits, t_c, y_c, tau: float, floor, state, a, b):
-    """The combined gradient of one chunk, written over `logits` (the chunk's temporary buffer)."""
-    kind, st = state
-    if kind == "triton":
-        from .kernels.hybrid_triton import hybrid_rows_backward
-
-        return hybrid_rows_backward(logits, t_c, y_c, None, tau, floor, st, a, b, out=logits)
-    plan, fast = st
-    return backward_torch(logits, t_c, y_c, plan, fast, tau, floor, a, b, out=logits)
 
 
 class FusedLinearHybridFunction(torch.autograd.Function):
@@ -328,7 +327,7 @@ class FusedLinearHybridFunction(torch.autograd.Function):
             logits = hidden[rows] @ weight.t()
             if bias is not None:
                 logits += bias
-            k, lp, tl, st = _rows_forward(logits, teacher.chunk(rows), y[rows], tau, floor, backend)
+            k, lp, tl, st = rows_forward(logits, teacher.chunk(rows), y[rows], None, tau, floor, backend)
             if not torch.isfinite(k).all():
                 from .fused_linear import _diagnose
 
@@ -363,7 +362,9 @@ class FusedLinearHybridFunction(torch.autograd.Function):
             logits = h_c @ weight.t()
             if bias is not None:
                 logits += bias
-            g = _rows_backward(logits, teacher.chunk(rows), y[rows], tau, floor, st, a[rows], b[rows])
+            g = rows_backward(
+                logits, teacher.chunk(rows), y[rows], None, tau, floor, st, a[rows], b[rows], out=logits
+            )  # the chunk's temporary logits: overwritten
             if need_h:
                 gh[rows] = g @ weight
             if need_w:

@@ -84,9 +84,14 @@ def triton_available() -> bool:
     return True
 
 
+BACKENDS = ("auto", "torch", "triton", "compiled")
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    """The backend a call runs on. "compiled" (torch.compile of the one-pass rows, opt-in: the first call in a
+    process compiles) serves dense_kl, hybrid_loss and their fused-linear forms; the top-k bound runs torch."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "torch"
     if backend == "triton":
@@ -100,7 +105,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-_IMPLS: dict[str, DenseImpl] = {"torch": _torch_impl, "triton": _triton_impl}
+def _compiled_impl(*args, **kwargs):
+    from ._compiled import dense_kl_compiled
+
+    return dense_kl_compiled(*args, **kwargs)
+
+
+_IMPLS: dict[str, DenseImpl] = {"torch": _torch_impl, "triton": _triton_impl, "compiled": _compiled_impl}
 
 
 class DenseKLFunction(torch.autograd.Function):
@@ -202,7 +213,9 @@ def dense_kl(
         temperature: the student's sampling temperature tau (the teacher is taken as given).
         mask: [...] bool; False positions get KL 0 and gradient 0 and are not computed. An all-False mask
             (a micro-batch without response tokens) is legal: KL 0 everywhere, zero gradient.
-        backend: "auto" (Triton on CUDA, torch otherwise), "torch" or "triton".
+        backend: "auto" (Triton on CUDA, torch otherwise), "torch", "triton" or "compiled" (torch.compile of
+            the same closed form, opt-in: the first call in a process compiles for seconds; on CPU it needs a
+            C++ compiler).
         teacher_floor: None (an infinite KL is an error) or a finite log-probability < 0 at which log q is
             clamped. NaN, +inf or all -inf teacher rows are an error with or without it.
         inplace_backward: scale the saved [N, V] gradient in place (saves memory; one backward only).

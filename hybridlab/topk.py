@@ -213,7 +213,9 @@ def _topk_triton_impl(*args, **kwargs):
     return topk_kl_triton_impl(*args, **kwargs)
 
 
-_IMPLS = {"torch": _topk_torch_impl, "triton": _topk_triton_impl}
+# The top-k bound has no compiled form: backend="compiled" (one setting for a whole run, see TrainConfig) runs
+# the torch one here.
+_IMPLS = {"torch": _topk_torch_impl, "triton": _topk_triton_impl, "compiled": _topk_torch_impl}
 
 
 def topk_kl_impl(backend: str, student, lq, ids, log_qt, active, temperature, need_grad):

@@ -140,3 +140,22 @@ def test_hybrid_gpu_targets_are_judged_from_the_rows():
     out = io.StringIO()
     print_targets(slow, None, file=out, gpu=(n, v, elem, 1000.0))
     assert "50%" in out.getvalue() and "MISSED" in out.getvalue()  # negative control
+
+
+def test_compiled_rows_are_judged_like_the_torch_path():
+    """The compiled path's lines: speed-up and memory against autograd, bytes (aten + generated) against 12U."""
+    import io
+
+    from hybridlab.bench.hybrid import print_targets
+
+    auto = ("autograd surrogate", 100.0, 1000.0, 36.0, "")
+    good = ("hybrid_loss (compiled)", 20.0, 200.0, 5.0, "")
+    out = io.StringIO()
+    print_targets([auto, good], None, file=out)
+    lines = [x for x in out.getvalue().splitlines() if "compiled" in x]
+    assert len(lines) == 3 and all(x.endswith("| met |") for x in lines), lines
+    bad = ("hybrid_loss (compiled)", 80.0, 500.0, 14.0, "")
+    out = io.StringIO()
+    print_targets([auto, bad], None, file=out)
+    lines = [x for x in out.getvalue().splitlines() if "compiled" in x]
+    assert len(lines) == 3 and all(x.endswith("| MISSED |") for x in lines), lines  # negative control

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy noise
 
 U = torch.finfo(torch.float32).eps
 LAMBDA = 8.0  # probabilistic bound on fp32 sums of V terms: LAMBDA sqrt(V) u (Higham & Mary 2019)
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton", "compiled"]
 
 
 def _inputs(n, v, seed, dtype=torch.float32, scale=3.0):

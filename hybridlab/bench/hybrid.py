@@ -94,7 +94,9 @@ class AtenBytes(TorchDispatchMode):
 
 def count_bytes(step: Callable[[], None], v: int) -> AtenBytes:
     """AtenBytes of one call of step(). Under Triton's CPU interpreter the aten ops it runs to stage a kernel's
-    arguments are not counted: on a GPU a launch is no aten op at all."""
+    arguments are not counted: on a GPU a launch is no aten op at all. Nor are the ops inside backend="compiled"'s
+    two torch.compile'd functions (under a dispatch mode they run unfused, op by op): Inductor counts the bytes
+    of the kernels it generates for them (`hybridlab._compiled.generated_bytes`)."""
     counter = AtenBytes(v)
     grid = None
     try:
@@ -112,14 +114,27 @@ def count_bytes(step: Callable[[], None], v: int) -> AtenBytes:
         finally:
             counter.paused -= 1
 
+    from .. import _compiled
+
+    call = _compiled._call
+
+    def compiled_call(*args, **kwargs):  # generated code is counted by Inductor (`_compiled.generated_bytes`)
+        counter.paused += 1
+        try:
+            return call(*args, **kwargs)
+        finally:
+            counter.paused -= 1
+
     if grid is not None:
         grid.__call__ = launch
+    _compiled._call = compiled_call
     try:
         with counter:
             step()
     finally:
         if grid is not None:
             grid.__call__ = orig
+        _compiled._call = call
     return counter
 
 
@@ -226,6 +241,7 @@ def methods(device: torch.device, with_triton: bool) -> dict:
 
     out: dict = {
         "hybrid_loss (torch)": lambda z, t, y, r: hybrid_loss(z, t, y, r, backend="torch").loss,
+        "hybrid_loss (compiled)": lambda z, t, y, r: hybrid_loss(z, t, y, r, backend="compiled").loss,
         "hybrid_loss (triton)": (lambda z, t, y, r: hybrid_loss(z, t, y, r, backend="triton").loss)
         if with_triton
         else "skipped (size too large for the CPU interpreter)",
@@ -256,7 +272,17 @@ def bench_hybrid(device, n, v, dtype, reps, warmup, with_triton, byte_size=(64, 
             mem = peak_mb(step, device)
             ms = time_ms(step, device, reps)
             u = count_bytes(lambda: step(z=zb, t=tb, y=yb, r=rb), bv).bytes / (bn * bv * zb.element_size())
-            rows.append((name, ms, mem, u, getattr(fn, "note", "")))
+            note = getattr(fn, "note", "")
+            if "(compiled)" in name:  # add what its generated kernels move, by Inductor's count
+                from .._compiled import generated_bytes
+
+                try:
+                    gen = generated_bytes(bn, bv, dtype, device)["total"]
+                    note = f"{u:.1f}U aten + {gen:.1f}U generated (Inductor's count)"
+                    u += gen
+                except Exception as e:  # keep the row's time; say why its bytes are incomplete
+                    note = f"aten bytes only; Inductor's count failed: {type(e).__name__}"
+            rows.append((name, ms, mem, u, note))
         except Exception as e:  # an optional peer with another API version: report, keep going
             rows.append(
                 (name, None, None, None, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:60]}")
@@ -385,10 +411,11 @@ def print_targets(rows, dense, file=None, gpu: tuple[int, int, int, float] | Non
     bytes, copy GB/s) on a GPU, for the bandwidth target against the 5U byte model and the peer comparison."""
     file = file or sys.stdout
     by = {r[0]: r for r in rows}
-    auto, tor, tri = (
+    auto, tor, tri, comp = (
         by.get("autograd surrogate"),
         by.get("hybrid_loss (torch)"),
         by.get("hybrid_loss (triton)"),
+        by.get("hybrid_loss (compiled)"),
     )
     print("\n# targets (this run, side by side)", file=file)
 
@@ -404,6 +431,14 @@ def print_targets(rows, dense, file=None, gpu: tuple[int, int, int, float] | Non
             line("hybrid_loss(torch) peak memory / autograd's (<= 0.33)", f"{m:.2f}", m <= 1 / 3)
     if tor and tor[3] is not None:
         line("aten bytes, hybrid_loss(torch) fwd+bwd (<= 12U)", f"{tor[3]:.1f}U", tor[3] <= 12)
+    if auto and comp and auto[1] and comp[1]:
+        s = auto[1] / comp[1]
+        line("hybrid_loss(compiled) fwd+bwd speed-up over autograd (>= 1.5x)", f"{s:.2f}x", s >= 1.5)
+        if auto[2] and comp[2] is not None:
+            m = comp[2] / auto[2]
+            line("hybrid_loss(compiled) peak memory / autograd's (<= 0.33)", f"{m:.2f}", m <= 1 / 3)
+    if comp and comp[3] is not None:
+        line("bytes, hybrid_loss(compiled), aten + generated (<= 12U)", f"{comp[3]:.1f}U", comp[3] <= 12)
     if tri and tri[3] is not None:
         line("aten bytes outside the kernels, hybrid_loss(triton) (<= 2U)", f"{tri[3]:.1f}U", tri[3] <= 2)
     if dense:
@@ -444,8 +479,9 @@ def main_hybrid(args, device, dtype, name) -> None:
                 ).loss.backward(),
                 4096,
             ).bytes
-            rows[1] = (
-                rows[1][0],
+            k = next(i for i, row in enumerate(rows) if row[0] == "hybrid_loss (triton)")
+            rows[k] = (
+                rows[k][0],
                 None,
                 None,
                 u / zb.numel() / zb.element_size(),

@@ -23,7 +23,7 @@ Loss = Literal["hybrid", "sft", "opd_sampled"]
 Future = Literal["analytic", "k1", "k3", "none"]
 Baseline = Literal["none", "reward_group", "return_group"]
 Scheduler = Literal["constant", "linear", "cosine"]
-Backend = Literal["auto", "torch", "triton"]
+Backend = Literal["auto", "torch", "triton", "compiled"]
 WeightSchedule = Literal["constant", "linear", "cosine", "switch", "plateau"]
 Trust = Literal["none", "global", "per_prompt"]
 Gate = Literal["none", "incorrect"]
@@ -172,7 +172,11 @@ class TrainConfig:
     # -- precision and kernels
     bf16: bool = _f(True, "CUDA: fp32 master weights under bf16 autocast, bf16 teacher; CPU runs fp32")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward")
-    dense_backend: Backend = _f("auto", "dense KL backend: auto = Triton on CUDA, torch otherwise")
+    dense_backend: Backend = _f(
+        "auto",
+        "dense KL backend: auto = Triton on CUDA, torch otherwise; compiled = "
+        "torch.compile of the one-pass closed form (opt-in: compiles on its first call)",
+    )
     fused_linear: bool = _f(False, "dense KL and log-probs from hidden states + LM head: no [N, V] logits")
     fused_chunk: int = _f(1024, "rows per chunk of the fused path")
     disable_dropout: bool = _f(True, "zero every dropout / layerdrop so the scored policy is the sampled one")
@@ -435,6 +439,9 @@ def build_parser(prog: str = "python -m hybridlab.train"):
         "--preset", default=None, choices=METHODS, help="a method's settings, under the YAML and flags"
     )
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    for action in p._actions:  # argparse %-formats help text: a literal "10%" in a field's help broke --help
+        if action.help and "%(" not in action.help:  # (none of ours uses argparse's %(default)s)
+            action.help = action.help.replace("%", "%%")
     return p
 
 

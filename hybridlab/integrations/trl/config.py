@@ -41,7 +41,7 @@ if not Version("1.16") <= Version(Version(trl.__version__).base_version) < Versi
     )
 
 BASELINES = ("none", "reward_group", "return_group")
-DENSE_BACKENDS = ("auto", "torch", "triton")
+DENSE_BACKENDS = ("auto", "torch", "triton", "compiled")
 #: generation settings that sample from something other than softmax(logits / temperature), with their neutral
 #: values: refused in generation_kwargs unless neutral (the student folder's generation_config is not read at all,
 #: see HybridGRPOTrainer._generate_single_turn)
@@ -145,7 +145,11 @@ class HybridGRPOConfig(GRPOConfig):
         metadata={"help": "Clamp of the teacher's log-probs (None: an infinite KL is an error)."},
     )
     dense_backend: str = field(
-        default="auto", metadata={"help": "auto | torch | triton (the dense KL kernel)."}
+        default="auto",
+        metadata={
+            "help": "auto | torch | triton | compiled (the dense KL kernel; compiled: torch.compile, "
+            "compiles on its first call)."
+        },
     )
     fused_linear: bool = field(
         default=False,
