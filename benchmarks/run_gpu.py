@@ -5,9 +5,10 @@ Steps, in order of priority (each gets what is left of --budget seconds, capped 
 1. install   the `bench` extra of pyproject.toml (liger-kernel, trl) when they do not import yet; torch itself
              comes from `make install` (TORCH_SPEC). No network is fine: the optional rows then say so.
 2. tests     the GPU-marked tests (`pytest -m gpu`): the kernel against torch and the fp64 truth at real sizes.
-3. hybrid    the complete `hybrid_loss` forward + backward at 8192 x 152064, bf16 (torch, Triton, autograd through
-             the same surrogate, TRL's GRPO + GKD loss), the fused-linear hybrid table, and the targets: Triton
-             against copy bandwidth (5U model) and against TRL.
+3. hybrid    the complete `hybrid_loss` forward + backward at 8192 x 152064, bf16 (torch, compiled (Inductor's
+             Triton code; its first call compiles), Triton, autograd through the same surrogate, TRL's GRPO + GKD
+             loss), the fused-linear hybrid table, and the targets: Triton against copy bandwidth (5U model) and
+             against TRL.
 4. dense     the dense-KL grid (incl. the odd vocabulary 50257), bf16: Triton dense_kl (autograd) and the
              kernel alone, torch closed form, autograd, torch.compile, Liger JSD end to end.
 5. tune      the kernel's (BLOCK, num_warps) sweep at 8192 x 152064.
@@ -64,8 +65,8 @@ def plan(py: str) -> list[Step]:
         Step(
             "hybrid",
             [*bench, "hybrid", "--sizes", "8192:152064"],
-            90,
-            "complete hybrid_loss fwd+bwd (torch / triton / autograd / TRL), fused-linear hybrid, targets",
+            150,  # the compiled row's first call compiles (Inductor generates and tunes Triton code)
+            "complete hybrid_loss fwd+bwd (torch / compiled / triton / autograd / TRL), fused-linear hybrid, targets",
         ),  # fmt: skip
         Step("dense", [*bench, "dense", "--no-fused", "--sizes", *DENSE_SIZES], 170, "dense-KL grid, bf16"),
         Step("tune", [*bench, "tune", "--sizes", "8192:152064"], 40, "kernel launch sweep"),
