@@ -252,14 +252,16 @@ def methods(device: torch.device, with_triton: bool) -> dict:
 
 
 def bench_hybrid(device, n, v, dtype, reps, warmup, with_triton, byte_size=(64, 4096)):
-    """[(method, ms, peak MB, bytes in U, note)] at N x V; bytes counted at `byte_size` (per U, size-free)."""
-    rows = []
+    """[(method, ms, peak MB, bytes in U, note)] at N x V; bytes counted at `byte_size` (per U, size-free).
+    Times are taken in interleaved rounds (each method once per round, median over `reps` rounds), so that a
+    shared machine's load falls on every method alike."""
+    rows, steps = [], {}
     z, t, y, r = workload(n, v, dtype, device)
     bn, bv = byte_size
     zb, tb, yb, rb = workload(bn, bv, dtype, device, seed=1)
     for name, fn in methods(device, with_triton).items():
         if isinstance(fn, str):
-            rows.append((name, None, None, None, fn))
+            rows.append([name, None, None, None, fn])
             continue
 
         def step(fn=fn, z=z, t=t, y=y, r=r):
@@ -270,7 +272,6 @@ def bench_hybrid(device, n, v, dtype, reps, warmup, with_triton, byte_size=(64, 
             for _ in range(max(warmup, 1)):
                 step()
             mem = peak_mb(step, device)
-            ms = time_ms(step, device, reps)
             u = count_bytes(lambda: step(z=zb, t=tb, y=yb, r=rb), bv).bytes / (bn * bv * zb.element_size())
             note = getattr(fn, "note", "")
             if "(compiled)" in name:  # add what its generated kernels move, by Inductor's count
@@ -280,14 +281,23 @@ def bench_hybrid(device, n, v, dtype, reps, warmup, with_triton, byte_size=(64, 
                     gen = generated_bytes(bn, bv, dtype, device)["total"]
                     note = f"{u:.1f}U aten + {gen:.1f}U generated (Inductor's count)"
                     u += gen
+                    step()  # generated_bytes reset the compiled functions: compile again before timing
                 except Exception as e:  # keep the row's time; say why its bytes are incomplete
                     note = f"aten bytes only; Inductor's count failed: {type(e).__name__}"
-            rows.append((name, ms, mem, u, note))
+            rows.append([name, None, mem, u, note])
+            steps[name] = step
         except Exception as e:  # an optional peer with another API version: report, keep going
             rows.append(
-                (name, None, None, None, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:60]}")
+                [name, None, None, None, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:60]}"]
             )
-    return rows
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(reps):
+        for name, step in steps.items():
+            times[name].append(time_ms(step, device, 1))
+    for row in rows:
+        if row[0] in times:
+            row[1] = statistics.median(times[row[0]])
+    return [tuple(row) for row in rows]
 
 
 def fused_methods(device: torch.device) -> dict:
