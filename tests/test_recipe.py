@@ -392,6 +392,16 @@ def test_shortcut_warning_is_logged(tok, rows, capsys):
     assert tr.train_step()["shortcut"] == 0.0
 
 
+@pytest.mark.parametrize("settings", [{"preset": "rl_only"}, {"future": "none"}, {"future_norm": "mean"}])
+def test_no_shortcut_warning_where_the_return_has_no_summed_future_kl(tok, rows, capsys, settings):
+    """RL-only (beta = 0), the myopic hybrid and the length-neutral return gain nothing by ending early: shorter
+    answers there are ordinary learning, and advice to drop the future KL would mislead."""
+    tr = make_trainer(tok, rows, shortcut_window=2, **settings)
+    tr.history = {"resp_len": [50.0, 50.0, 1.0], "kl": [1e4, 1e4, 0.0]}
+    assert tr.train_step()["shortcut"] == 0.0
+    assert "getting shorter" not in capsys.readouterr().err
+
+
 def test_preset_for_the_trust_rule():
     assert PRESETS["hybrid_trust"]["teacher_trust"] == "per_prompt"
     assert PRESETS["hybrid_trust"]["future"] == "none"

@@ -30,7 +30,7 @@ from .checkpoint import (
 from .config import TrainConfig
 from .data import PromptOrder, as_row, load_prompts, rows_digest, step_seed
 from .policy import PolicyModel
-from .recipe import RecipeMixin, shortcut_signal
+from .recipe import RecipeMixin, future_kl_in_return, shortcut_signal
 from .rollout import (
     Rollout,
     eos_ids_of,
@@ -383,7 +383,8 @@ class Trainer(RecipeMixin, CheckpointMixin):
                 m[f"cos_{a}_{b}"] = float(parts[a] @ parts[b]) / den if den > 0 else math.nan
         lens = self.history.get("resp_len", []) + [m["resp_len"]]
         kls = self.history.get("kl", []) + [m["kl"]]
-        short = shortcut_signal(lens, kls, cfg.shortcut_window)
+        short = shortcut_signal(lens, kls, cfg.shortcut_window) and future_kl_in_return(
+            cfg.loss, beta_k, cfg.future, cfg.future_norm)  # fmt: skip
         m["shortcut"] = float(short)
         if short and not self._shortcut:
             self._log(f"step {self.step}: responses are getting shorter while the KL falls (mean length "

@@ -42,6 +42,13 @@ def shortcut_signal(lengths: list[float], kls: list[float], window: int, drop: f
     return last_len < (1 - drop) * prev_len and last_kl < (1 - drop) * prev_kl
 
 
+def future_kl_in_return(loss: str, beta: float, future: str, future_norm: str) -> bool:
+    """Whether the sparse return carries the summed future KL, the term whose exact gradient rewards ending early.
+    Without it (RL-only: beta = 0; the myopic hybrid: future = "none"; future_norm = "mean"; SFT) shorter
+    responses are no shortcut of the objective but ordinary learning, and the warning would mislead."""
+    return loss == "hybrid" and beta > 0 and future != "none" and future_norm == "sum"
+
+
 def _fingerprint(model) -> str:
     """A cheap digest of a model's weights (names, shapes, sums): tells a cached teacher table from another's."""
     h = hashlib.sha256()
