@@ -172,11 +172,7 @@ class TrainConfig:
     # -- precision and kernels
     bf16: bool = _f(True, "CUDA: fp32 master weights under bf16 autocast, bf16 teacher; CPU runs fp32")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward")
-    dense_backend: Backend = _f(
-        "auto",
-        "dense KL backend: auto = Triton on CUDA, torch otherwise; compiled = "
-        "torch.compile of the one-pass closed form (opt-in: compiles on its first call)",
-    )
+    dense_backend: Backend = _f("auto", "auto: Triton on CUDA, else torch; compiled: torch.compile (compiles once)")  # fmt: skip
     fused_linear: bool = _f(False, "dense KL and log-probs from hidden states + LM head: no [N, V] logits")
     fused_chunk: int = _f(1024, "rows per chunk of the fused path")
     disable_dropout: bool = _f(True, "zero every dropout / layerdrop so the scored policy is the sampled one")
@@ -439,9 +435,8 @@ def build_parser(prog: str = "python -m hybridlab.train"):
         "--preset", default=None, choices=METHODS, help="a method's settings, under the YAML and flags"
     )
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
-    for action in p._actions:  # argparse %-formats help text: a literal "10%" in a field's help broke --help
-        if action.help and "%(" not in action.help:  # (none of ours uses argparse's %(default)s)
-            action.help = action.help.replace("%", "%%")
+    for a in p._actions:  # argparse %-formats help: a literal "10%" broke --help (none of ours uses %(...)s)
+        a.help = a.help.replace("%", "%%") if a.help and "%(" not in a.help else a.help
     return p
 
 
