@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import shlex
 import statistics
@@ -25,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from experiments._runs import add_objective_args, parser, resolve_out, write_json
 from hybridlab.tasks.toy import DATA_DIR, TASKS, make_splits
 from hybridlab.train.config import METHODS
 
@@ -213,13 +213,6 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=float) + "\n")
-    os.replace(tmp, path)
-
-
 def _rel(path: str) -> str:
     """A path relative to the repository when it lies inside it (results files do not record the machine)."""
     p = Path(path).resolve()
@@ -227,19 +220,14 @@ def _rel(path: str) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        prog="python -m experiments.compare", description=__doc__,
-        formatter_class=type("F", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}),
-    )  # fmt: skip
+    ap = parser("python -m experiments.compare", __doc__)
     ap.add_argument("--task", default="reverse", choices=sorted(TASKS), help="toy task (hybridlab.tasks.toy)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per method and seed")
     ap.add_argument(
         "--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods to run"
     )
     ap.add_argument("--steps", type=int, default=600, help="optimizer steps per run")
-    ap.add_argument("--lam", type=float, default=3.0, help="weight of the task reward in J")
-    ap.add_argument("--beta", type=float, default=1.0, help="weight of the KL to the teacher in J")
-    ap.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (constant)")
+    add_objective_args(ap)
     ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, also the loss's")
     ap.add_argument("--batch-prompts", type=int, default=16, help="prompts per step")
     ap.add_argument("--samples-per-prompt", type=int, default=4, help="responses per prompt")
@@ -255,16 +243,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
-    shipped = DATA_DIR / "results" / f"compare_{args.task}.json"
-    if args.shipped and args.out is not None:
-        ap.error("--shipped writes data/results/compare_<task>.json: give either --shipped or --out")
+    resolve_out(ap, args, shipped=DATA_DIR / "results" / f"compare_{args.task}.json",
+                shipped_text="data/results/compare_<task>.json",
+                default=str(Path("runs") / f"compare_{args.task}.json"), data_dir=DATA_DIR,
+                regenerate="regenerate shipped results")  # fmt: skip
     args.teacher = args.teacher or str(DATA_DIR / f"teacher_{args.task}")
     args.student = args.student or str(DATA_DIR / f"student_{args.task}")
-    args.out = str(shipped) if args.shipped else (args.out or str(Path("runs") / f"compare_{args.task}.json"))
-    if Path(args.out).resolve().is_relative_to(DATA_DIR.resolve()) and not args.shipped:
-        ap.error(
-            f"--out {args.out} lies in the shipped data/ folder: pass --shipped to regenerate shipped results"
-        )
     for name in ("teacher", "student"):
         if not (Path(getattr(args, name)) / "model.safetensors").exists():
             ap.error(f"--{name} {getattr(args, name)!r} holds no model.safetensors")
@@ -311,7 +295,7 @@ def main(argv=None) -> dict:
             result["runs"].append(rec)
             result["summary"] = summarize(result["runs"], threshold)
             result["wall_s"] = time.perf_counter() - t0
-            _write_json(out, result)
+            write_json(out, result)
             h = rec["history"]
             print(f"[{time.perf_counter() - t0:6.0f}s] {method:12s} seed {seed}: reward {h[REWARD_KEY][-1]:.3f} "
                   f"greedy {h['eval_greedy_acc'][-1]:.3f} kl {h['eval_kl'][-1]:.3f} ({rec['wall_s']:.0f}s)",

@@ -39,13 +39,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from experiments._runs import add_objective_args, parser, progress, resumable_runs, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data"
@@ -95,10 +96,7 @@ STEP_KEYS = (
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        prog="python -m experiments.recipe_study", description=__doc__,
-        formatter_class=type("F", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}),
-    )  # fmt: skip
+    ap = parser("python -m experiments.recipe_study", __doc__)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per teacher, rule, seed")
     ap.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES), help="rules to run")
     ap.add_argument("--teachers", nargs="+", default=list(TEACHERS), choices=list(TEACHERS))
@@ -107,9 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--final-window", type=int, default=5, help="evaluations averaged into 'final'")
     ap.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts per evaluation")
     ap.add_argument("--final-samples", type=int, default=8, help="samples per prompt of the final evaluation")
-    ap.add_argument("--lam", type=float, default=3.0, help="weight of the task reward in J")
-    ap.add_argument("--beta", type=float, default=1.0, help="weight of the KL to the teacher in J")
-    ap.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (constant)")
+    add_objective_args(ap)
     ap.add_argument("--batch-prompts", type=int, default=16, help="prompts per update")
     ap.add_argument("--samples-per-prompt", type=int, default=4, help="responses per prompt")
     ap.add_argument(
@@ -347,14 +343,6 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: Path, obj: dict) -> None:
-    """Atomic: a reader (or a crash) never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=float) + "\n")
-    os.replace(tmp, path)
-
-
 def _rel(p: str | Path) -> str:
     p = Path(p).resolve()
     return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p)
@@ -388,13 +376,11 @@ def main(argv=None) -> dict:
     }  # fmt: skip
     jobs = plan(args)
     records, new_walls = [], []
-    for name, rule, seed in jobs:
-        path = run_path(args, name, rule, seed)
-        if path.exists():
-            rec = json.loads(path.read_text())
-        else:
-            rec = run_one(args, splits, teachers, name, rule, seed)
-            write_json(path, rec)
+    runs = resumable_runs(
+        jobs, lambda *job: run_path(args, *job), lambda *job: run_one(args, splits, teachers, *job)
+    )
+    for (name, rule, seed), rec, new in runs:
+        if new:
             new_walls.append(rec["wall_s"])
             left = sum(1 for j in jobs if not run_path(args, *j).exists())
             eta = statistics.fmean(new_walls) * left / 3600
@@ -410,9 +396,7 @@ def main(argv=None) -> dict:
             "weight_decay", "eval_count", "samples_per_prompt", "prompts_per_step", "steps")}  # fmt: skip
         result["summary"] = summarize(records, metas, args.final_window)
         result["targets"] = targets(result["summary"], args.teachers)
-        result["partial"] = len(records) < len(jobs)
-        result["runs_done"], result["runs_planned"] = len(records), len(jobs)
-        result["run_wall_s"] = round(sum(r["wall_s"] for r in records), 1)
+        result.update(progress(records, jobs))
         write_json(Path(args.out), result)
     print(format_table(result["summary"]))
     print(json.dumps({r: {k: v for k, v in t.items() if k != "per_teacher"} for r, t in result["targets"]["rules"].items()},

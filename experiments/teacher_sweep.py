@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+from experiments._runs import add_objective_args, parser, progress, resolve_out, resumable_runs, write_json
 from hybridlab.tasks.toy import DATA_DIR, TASKS, make_splits
 
 METHODS = ("dense_only", "rl_only", "hybrid")
@@ -38,10 +39,7 @@ CURVE_KEYS = ("eval_samples", "eval_reward", "eval_kl", "eval_greedy_acc")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        prog="python -m experiments.teacher_sweep", description=__doc__,
-        formatter_class=type("F", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}),
-    )  # fmt: skip
+    ap = parser("python -m experiments.teacher_sweep", __doc__)
     ap.add_argument("--task", default="reverse", choices=sorted(TASKS), help="toy task (hybridlab.tasks.toy)")
     ap.add_argument("--targets", type=float, nargs=3, default=[0.2, 0.45, 0.8],
                     help="sampled eval reward at which the weak, medium and strong teachers stop")  # fmt: skip
@@ -54,9 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
     ap.add_argument("--eval-every", type=int, default=20, help="steps between evaluations of a run")
     ap.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts per evaluation")
-    ap.add_argument("--lam", type=float, default=3.0, help="weight of the task reward in J")
-    ap.add_argument("--beta", type=float, default=1.0, help="weight of the KL to the teacher in J")
-    ap.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (constant)")
+    add_objective_args(ap)
     ap.add_argument("--batch-prompts", type=int, default=16, help="prompts per step")
     ap.add_argument("--samples-per-prompt", type=int, default=4, help="responses per prompt")
     ap.add_argument("--work", default="runs/teacher_sweep", help="folder of teachers and per-run JSON files")
@@ -65,14 +61,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="write the shipped results file data/results/teacher_sweep.json")  # fmt: skip
     ap.add_argument("--student", default=None, help="student folder (default: data/student_<task>)")
     args = ap.parse_args(argv)
-    if args.shipped and args.out is not None:
-        ap.error("--shipped writes data/results/teacher_sweep.json: give either --shipped or --out")
+    resolve_out(ap, args, shipped=DATA_DIR / "results" / "teacher_sweep.json",
+                shipped_text="data/results/teacher_sweep.json", default="runs/teacher_sweep.json",
+                data_dir=DATA_DIR)  # fmt: skip
     if not sorted(args.targets) == list(args.targets) or len(set(args.targets)) != 3:
         ap.error(f"--targets must be three increasing rewards, got {args.targets}")
-    shipped = DATA_DIR / "results" / "teacher_sweep.json"
-    args.out = str(shipped) if args.shipped else (args.out or "runs/teacher_sweep.json")
-    if Path(args.out).resolve().is_relative_to(DATA_DIR.resolve()) and not args.shipped:
-        ap.error(f"--out {args.out} lies in the shipped data/ folder: pass --shipped to regenerate it")
     args.student = args.student or str(DATA_DIR / f"student_{args.task}")
     if not (Path(args.student) / "model.safetensors").exists():
         ap.error(f"--student {args.student!r} holds no model.safetensors")
@@ -290,12 +283,6 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    from experiments.compare import _write_json as write_atomically  # one atomic JSON writer for both scripts
-
-    write_atomically(path, obj)
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
@@ -335,13 +322,11 @@ def main(argv=None) -> dict:
     }
     jobs = plan(args)
     records = []
-    for name, method, seed in jobs:
-        path = run_path(args, name, method, seed)
-        if path.exists():
-            rec = json.loads(path.read_text())
-        else:
-            rec = run_teacher_method(args, splits, teachers, name, method, seed)
-            _write_json(path, rec)
+    runs = resumable_runs(
+        jobs, lambda *job: run_path(args, *job), lambda *job: run_teacher_method(args, splits, teachers, *job)
+    )
+    for (name, method, seed), rec, new in runs:
+        if new:
             print(f"[{time.perf_counter() - t0:6.0f}s] {name or 'any':6s} {method:10s} seed {seed}: reward "
                   f"{rec['curve']['eval_reward'][-1]:.3f} ({rec['wall_s']:.0f}s)", flush=True)  # fmt: skip
         records.append(rec)
@@ -350,10 +335,8 @@ def main(argv=None) -> dict:
                             if k not in ("loss", "lam", "beta", "future", "baseline")}  # fmt: skip
         result["summary"] = summarize(records, metas)
         result["targets"] = targets(result["summary"])
-        result["partial"] = len(records) < len(jobs)
-        result["runs_done"], result["runs_planned"] = len(records), len(jobs)
-        result["run_wall_s"] = round(sum(r["wall_s"] for r in records), 1)
-        _write_json(Path(args.out), result)
+        result.update(progress(records, jobs))
+        write_json(Path(args.out), result)
     print(json.dumps(result["targets"], indent=1))
     print(f"results: {args.out}")
     return result

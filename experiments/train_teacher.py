@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from experiments._runs import parser, resolve_out
 from hybridlab.tasks.toy import DATA_DIR, TASKS, make_splits
 
 
@@ -51,10 +52,7 @@ def evaluate(model, tokenizer, task: str, rows, max_new_tokens: int, seed: int) 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        prog="python -m experiments.train_teacher", description=__doc__,
-        formatter_class=type("F", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}),
-    )  # fmt: skip
+    ap = parser("python -m experiments.train_teacher", __doc__)
     ap.add_argument("--task", default="reverse", choices=sorted(TASKS), help="toy task (hybridlab.tasks.toy)")
     ap.add_argument("--out", default=None, help="checkpoint folder (default: runs/<role>_<task>)")
     ap.add_argument("--shipped", action="store_true",
@@ -80,12 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--role", default="teacher", help="what the checkpoint is for (written to TRAINING.md)")
     args = ap.parse_args(argv)
-    if args.shipped and args.out is not None:
-        ap.error("--shipped writes data/<role>_<task>: give either --shipped or --out")
     name = f"{args.role}_{args.task}"
-    args.out = str(DATA_DIR / name) if args.shipped else (args.out or str(Path("runs") / name))
-    if Path(args.out).resolve().is_relative_to(DATA_DIR.resolve()) and not args.shipped:
-        ap.error(f"--out {args.out} lies in the shipped data/ folder: pass --shipped to regenerate it")
+    resolve_out(ap, args, shipped=DATA_DIR / name, shipped_text="data/<role>_<task>",
+                default=str(Path("runs") / name), data_dir=DATA_DIR)  # fmt: skip
     return args
 
 

@@ -5,7 +5,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -13,13 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from tests._net import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
@@ -28,7 +23,7 @@ def _free_port() -> int:
     reason="`make lab` would first build .venv (run the tests through `make test` to check it)",
 )
 def test_make_lab_serves_api_status():
-    port, token = _free_port(), secrets.token_hex(8)
+    port, token = free_port(), secrets.token_hex(8)
     args = f"--no-browser --ip=127.0.0.1 --port={port} --ServerApp.token={token} --ServerApp.port_retries=0"
     proc = subprocess.Popen(
         ["make", "--no-print-directory", "lab", f"ARGS={args}"],

@@ -8,7 +8,6 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ from hybridlab.teacher_service.client import TeacherClient, TeacherServiceError,
 from hybridlab.teacher_service.protocol import ProtocolError, decode, encode, expect
 from hybridlab.train import TrainConfig, Trainer
 from hybridlab.train.loop import run
+from tests._net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-0123456789abcdef"
@@ -34,12 +34,6 @@ MAX_REQUEST_BYTES = 200_000
 # a few ulps per accumulated product over hidden 32 and 2 layers, far above 2^-23 ~ 1.2e-7 and far below any
 # real difference (the negative control below differs by > 1e-2)
 REL_TOL = 1e-5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(

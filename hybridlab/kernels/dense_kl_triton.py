@@ -59,15 +59,49 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 @triton.jit
 def _block(b, cols, head, V, row_ptr, start_ptr, stride_c, BLOCK: tl.constexpr, EDGE: tl.constexpr):
-    """(pointers, mask) of block b of one tensor's row. Full blocks: BLOCK contiguous columns from the aligned
-    `start_ptr` (no mask). Edge blocks: the columns left over, wrapped past V onto the row's first `head`.
-    Column offsets are int32 (the host copies a tensor whose (V - 1) * column stride could overflow them)."""
+    """(pointers, mask, column index) of block b of one tensor's row. Full blocks: BLOCK contiguous columns from
+    the aligned `start_ptr` (no mask). Edge blocks: the columns left over, wrapped past V onto the row's first
+    `head`. Column offsets are int32 (the host copies a tensor whose (V - 1) * column stride could overflow them)."""
     k = b * BLOCK + cols
     if EDGE:
         c = head + k
         c = tl.where(c >= V, c - V, c)
-        return row_ptr + c * stride_c, k < V
-    return start_ptr + k * stride_c, k < V
+        return row_ptr + c * stride_c, k < V, c
+    return start_ptr + k * stride_c, k < V, head + k
+
+
+@triton.jit
+def _prologue(z_ptr, t_ptr, g_ptr, row, stride_zr, stride_tr, stride_gr, V, ALIGNED: tl.constexpr,
+              VEC: tl.constexpr):  # fmt: skip
+    """(head, z_row, t_row, g_row, z_start, t_start, g_start): the row pointers and the aligned start of the full
+    blocks. With ALIGNED, z, t and g share the row stride and unit column stride: one head aligns all three."""
+    z_off = row * stride_zr
+    t_off = row * stride_tr
+    g_off = row * stride_gr
+    if ALIGNED:
+        head = tl.minimum((VEC - z_off % VEC) % VEC, V).to(tl.int32)
+        z_start = z_ptr + tl.multiple_of(z_off + head, VEC)
+        t_start = t_ptr + tl.multiple_of(t_off + head, VEC)
+        g_start = g_ptr + tl.multiple_of(g_off + head, VEC)
+    else:
+        head = 0
+        z_start = z_ptr + z_off
+        t_start = t_ptr + t_off
+        g_start = g_ptr + g_off
+    return head, z_ptr + z_off, t_ptr + t_off, g_ptr + g_off, z_start, t_start, g_start
+
+
+@triton.jit
+def _row_blocks(active_ptr, row, head, V, HAS_ACTIVE: tl.constexpr, BLOCK: tl.constexpr):
+    """(cols, n_blocks, n_full, is_active): the lanes, the number of blocks and of full ones (loaded without a
+    mask; the others are edge blocks), and whether the row is active (always, without an `active` input)."""
+    cols = tl.arange(0, BLOCK)
+    n_blocks = tl.cdiv(V, BLOCK)
+    n_full = (V - head) // BLOCK
+    is_active = True
+    if HAS_ACTIVE:
+        is_active = tl.load(active_ptr + row) != 0
+    return cols, n_blocks, n_full, is_active
 
 
 @triton.jit
@@ -124,6 +158,103 @@ def _log2_ratio(z, t, sh_z, sh_t, c_p, log2_sp, log2_sq, floor2, HAS_FLOOR: tl.c
 
 
 @triton.jit
+def _stats_sweep(lo, hi, m_z, m_t, sp, sq, a, cols, head, V, z_row, z_start, stride_zc, t_row, t_start,
+                 stride_tc, c_p, ACC_A: tl.constexpr, BLOCK: tl.constexpr, EDGE: tl.constexpr):  # fmt: skip
+    """Blocks lo..hi-1 of a row (all full or all edge) folded into the online statistics."""
+    for b in range(lo, hi):
+        zo, msk, _c = _block(b, cols, head, V, z_row, z_start, stride_zc, BLOCK, EDGE)
+        to, msk, _c = _block(b, cols, head, V, t_row, t_start, stride_tc, BLOCK, EDGE)
+        z = _load(zo, msk, EDGE)
+        t = _load(to, msk, EDGE)
+        m_z, m_t, sp, sq, a = _stats_step(z, t, m_z, m_t, sp, sq, a, c_p, ACC_A)
+    return m_z, m_t, sp, sq, a
+
+
+@triton.jit
+def _kl_sweep(lo, hi, kl_vec, cols, head, V, z_row, z_start, stride_zc, t_row, t_start, stride_tc, sh_z, sh_t,
+              c_p, log2_sp, log2_sq, floor2, BLOCK: tl.constexpr, EDGE: tl.constexpr):  # fmt: skip
+    """Blocks lo..hi-1 of a row added into the per-lane KL (in bits) with the floored log q."""
+    for b in range(lo, hi):
+        zo, msk, _c = _block(b, cols, head, V, z_row, z_start, stride_zc, BLOCK, EDGE)
+        to, msk, _c = _block(b, cols, head, V, t_row, t_start, stride_tc, BLOCK, EDGE)
+        p, d = _log2_ratio(_load(zo, msk, EDGE), _load(to, msk, EDGE),
+                           sh_z, sh_t, c_p, log2_sp, log2_sq, floor2, True)  # fmt: skip
+        kl_vec += p * d
+    return kl_vec
+
+
+@triton.jit
+def _row_stats(cols, head, V, n_full, n_blocks, z_row, z_start, stride_zc, t_row, t_start, stride_tc, c_p,
+               floor, HAS_FLOOR: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """(sh_z, sh_t, log2 s_p, log2 s_q, floor / ln 2, KL / ln 2) of an active row: sweep 1 (online statistics of
+    both sides) and, with a floor, the KL sweep (it needs the clamped log q, hence log-sum-exp(t) first)."""
+    neg_inf = -float("inf")
+    m_z = tl.full((), neg_inf, tl.float32)  # running raw maxima (may stay -inf while blocks are all -inf)
+    m_t = tl.full((), neg_inf, tl.float32)
+    # Sums are kept per lane ([BLOCK] vectors) and reduced once after the sweep: per block only the two
+    # maxima need a cross-warp reduction.
+    sp = tl.zeros((BLOCK,), tl.float32)
+    sq = tl.zeros((BLOCK,), tl.float32)
+    a = tl.zeros((BLOCK,), tl.float32)
+    m_z, m_t, sp, sq, a = _stats_sweep(0, n_full, m_z, m_t, sp, sq, a, cols, head, V, z_row, z_start, stride_zc,
+                                       t_row, t_start, stride_tc, c_p, not HAS_FLOOR, BLOCK, False)  # fmt: skip
+    m_z, m_t, sp, sq, a = _stats_sweep(n_full, n_blocks, m_z, m_t, sp, sq, a, cols, head, V, z_row, z_start,
+                                       stride_zc, t_row, t_start, stride_tc, c_p, not HAS_FLOOR, BLOCK,
+                                       True)  # fmt: skip
+    sh_z = tl.where(m_z == neg_inf, 0.0, m_z)
+    sh_t = tl.where(m_t == neg_inf, 0.0, m_t)
+    log2_sp = tl.log2(tl.sum(sp, 0))  # -inf for an all -inf row, which makes KL NaN: reported upstream
+    log2_sq = tl.log2(tl.sum(sq, 0))
+    floor2 = floor * LOG2E
+    if HAS_FLOOR:
+        kl_vec = tl.zeros((BLOCK,), tl.float32)
+        kl_vec = _kl_sweep(0, n_full, kl_vec, cols, head, V, z_row, z_start, stride_zc, t_row, t_start, stride_tc,
+                           sh_z, sh_t, c_p, log2_sp, log2_sq, floor2, BLOCK, False)  # fmt: skip
+        kl_vec = _kl_sweep(n_full, n_blocks, kl_vec, cols, head, V, z_row, z_start, stride_zc, t_row, t_start,
+                           stride_tc, sh_z, sh_t, c_p, log2_sp, log2_sq, floor2, BLOCK, True)  # fmt: skip
+        kl2 = tl.sum(kl_vec, 0)
+    else:
+        kl2 = tl.sum(a, 0) / tl.sum(sp, 0) - log2_sp + log2_sq
+    return sh_z, sh_t, log2_sp, log2_sq, floor2, kl2
+
+
+@triton.jit
+def _grad_sweep(lo, hi, cols, head, V, z_row, z_start, stride_zc, t_row, t_start, stride_tc, g_row, g_start,
+                sh_z, sh_t, c_p, log2_sp, log2_sq, floor2, kl2, k_a, k_b, y, HAS_FLOOR: tl.constexpr,
+                SCORE: tl.constexpr, BLOCK: tl.constexpr, EDGE: tl.constexpr):  # fmt: skip
+    """Write the gradient of blocks hi-1 down to lo (last block first: on a GPU those are the likeliest still to
+    sit in L2), rounded once into g's dtype. SCORE False: the dense term k_a p (d - KL) (k_a: ln 2 / tau times
+    the row's weight); True: the hybrid's p (k_a (d - KL) - k_b) + k_b 1[j = y]."""
+    for i in range(0, hi - lo):
+        b = hi - 1 - i
+        zo, msk, c = _block(b, cols, head, V, z_row, z_start, stride_zc, BLOCK, EDGE)
+        to, msk, c = _block(b, cols, head, V, t_row, t_start, stride_tc, BLOCK, EDGE)
+        go, msk, c = _block(b, cols, head, V, g_row, g_start, 1, BLOCK, EDGE)
+        p, d = _log2_ratio(_load(zo, msk, EDGE), _load(to, msk, EDGE),
+                           sh_z, sh_t, c_p, log2_sp, log2_sq, floor2, HAS_FLOOR)  # fmt: skip
+        if SCORE:
+            g = p * (k_a * (d - kl2) - k_b) + tl.where(c == y, k_b, 0.0)
+        else:
+            g = k_a * p * (d - kl2)  # p = 0 where d was zeroed: dead entries write 0
+        if EDGE:
+            tl.store(go, g.to(g_row.dtype.element_ty), mask=msk)
+        else:
+            tl.store(go, g.to(g_row.dtype.element_ty))
+
+
+@triton.jit
+def _zero_row(g_row, g_start, cols, head, V, n_full, n_blocks, BLOCK: tl.constexpr):
+    """An inactive row's gradient: explicit zeros (the buffer is uninitialised), no reads."""
+    zeros = tl.zeros((BLOCK,), tl.float32).to(g_row.dtype.element_ty)
+    for b in range(0, n_full):
+        go, msk, _c = _block(b, cols, head, V, g_row, g_start, 1, BLOCK, False)
+        tl.store(go, zeros)
+    for b in range(n_full, n_blocks):
+        go, msk, _c = _block(b, cols, head, V, g_row, g_start, 1, BLOCK, True)
+        tl.store(go, zeros, mask=msk)
+
+
+@triton.jit
 def _dense_kl_kernel(
     z_ptr,
     t_ptr,
@@ -148,110 +279,32 @@ def _dense_kl_kernel(
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64 offsets: N * V passes 2**31 at 16k rows of a 150k vocabulary
-    z_off = row * stride_zr
-    t_off = row * stride_tr
-    g_off = row * stride_gr
-    cols = tl.arange(0, BLOCK)
-    n_blocks = tl.cdiv(V, BLOCK)
-    if ALIGNED:  # z, t, grad share the row stride and unit column stride: one head aligns all three
-        head = tl.minimum((VEC - z_off % VEC) % VEC, V).to(tl.int32)
-        z_start = z_ptr + tl.multiple_of(z_off + head, VEC)
-        t_start = t_ptr + tl.multiple_of(t_off + head, VEC)
-        g_start = grad_ptr + tl.multiple_of(g_off + head, VEC)
-    else:
-        head = 0
-        z_start = z_ptr + z_off
-        t_start = t_ptr + t_off
-        g_start = grad_ptr + g_off
-    z_row = z_ptr + z_off
-    t_row = t_ptr + t_off
-    g_row = grad_ptr + g_off
-    n_full = (V - head) // BLOCK  # blocks loaded without a mask; the others are edge blocks
-
-    is_active = True
-    if HAS_ACTIVE:
-        is_active = tl.load(active_ptr + row) != 0
-
+    head, z_row, t_row, g_row, z_start, t_start, g_start = _prologue(
+        z_ptr, t_ptr, grad_ptr, row, stride_zr, stride_tr, stride_gr, V, ALIGNED, VEC
+    )
+    cols, n_blocks, n_full, is_active = _row_blocks(active_ptr, row, head, V, HAS_ACTIVE, BLOCK)
     if is_active:
-        neg_inf = -float("inf")
         c_p = inv_tau * LOG2E  # 1 / tau and log2(e) in one multiply
-        m_z = tl.full((), neg_inf, tl.float32)  # running raw maxima (may stay -inf while blocks are all -inf)
-        m_t = tl.full((), neg_inf, tl.float32)
-        # Sums are kept per lane ([BLOCK] vectors) and reduced once after the sweep: per block only the two
-        # maxima need a cross-warp reduction.
-        sp = tl.zeros((BLOCK,), tl.float32)
-        sq = tl.zeros((BLOCK,), tl.float32)
-        a = tl.zeros((BLOCK,), tl.float32)
-        # Sweep 1: online statistics of both sides.
-        for b in range(0, n_full):
-            zo, msk = _block(b, cols, head, V, z_row, z_start, stride_zc, BLOCK, False)
-            to, msk = _block(b, cols, head, V, t_row, t_start, stride_tc, BLOCK, False)
-            z = _load(zo, msk, False)
-            t = _load(to, msk, False)
-            m_z, m_t, sp, sq, a = _stats_step(z, t, m_z, m_t, sp, sq, a, c_p, not HAS_FLOOR)
-        for b in range(n_full, n_blocks):
-            zo, msk = _block(b, cols, head, V, z_row, z_start, stride_zc, BLOCK, True)
-            to, msk = _block(b, cols, head, V, t_row, t_start, stride_tc, BLOCK, True)
-            z = _load(zo, msk, True)
-            t = _load(to, msk, True)
-            m_z, m_t, sp, sq, a = _stats_step(z, t, m_z, m_t, sp, sq, a, c_p, not HAS_FLOOR)
-        sh_z = tl.where(m_z == neg_inf, 0.0, m_z)
-        sh_t = tl.where(m_t == neg_inf, 0.0, m_t)
-        log2_sp = tl.log2(tl.sum(sp, 0))  # -inf for an all -inf row, which makes KL NaN: reported upstream
-        log2_sq = tl.log2(tl.sum(sq, 0))
-        floor2 = floor * LOG2E
-        if HAS_FLOOR:  # KL needs the clamped log q, hence log-sum-exp(t): a sweep of its own
-            kl_vec = tl.zeros((BLOCK,), tl.float32)
-            for b in range(0, n_full):
-                zo, msk = _block(b, cols, head, V, z_row, z_start, stride_zc, BLOCK, False)
-                to, msk = _block(b, cols, head, V, t_row, t_start, stride_tc, BLOCK, False)
-                p, d = _log2_ratio(_load(zo, msk, False), _load(to, msk, False),
-                                   sh_z, sh_t, c_p, log2_sp, log2_sq, floor2, True)  # fmt: skip
-                kl_vec += p * d
-            for b in range(n_full, n_blocks):
-                zo, msk = _block(b, cols, head, V, z_row, z_start, stride_zc, BLOCK, True)
-                to, msk = _block(b, cols, head, V, t_row, t_start, stride_tc, BLOCK, True)
-                p, d = _log2_ratio(_load(zo, msk, True), _load(to, msk, True),
-                                   sh_z, sh_t, c_p, log2_sp, log2_sq, floor2, True)  # fmt: skip
-                kl_vec += p * d
-            kl2 = tl.sum(kl_vec, 0)
-        else:
-            kl2 = tl.sum(a, 0) / tl.sum(sp, 0) - log2_sp + log2_sq
+        sh_z, sh_t, log2_sp, log2_sq, floor2, kl2 = _row_stats(cols, head, V, n_full, n_blocks, z_row, z_start,
+                                                               stride_zc, t_row, t_start, stride_tc, c_p, floor,
+                                                               HAS_FLOOR, BLOCK)  # fmt: skip
         tl.store(kl_ptr + row, kl2 * LN2)
 
         if NEED_GRAD:
             k_g = inv_tau * LN2  # d/dz of the base-2 quantities, and the row's loss weight, in one factor
             if HAS_SCALE:
                 k_g = k_g * tl.load(scale_ptr + row)
-            # Sweep 2, last block first: on a GPU those blocks are the likeliest still to sit in L2.
-            for i in range(0, n_blocks - n_full):
-                b = n_blocks - 1 - i
-                zo, msk = _block(b, cols, head, V, z_row, z_start, stride_zc, BLOCK, True)
-                to, msk = _block(b, cols, head, V, t_row, t_start, stride_tc, BLOCK, True)
-                go, msk = _block(b, cols, head, V, g_row, g_start, 1, BLOCK, True)
-                p, d = _log2_ratio(_load(zo, msk, True), _load(to, msk, True),
-                                   sh_z, sh_t, c_p, log2_sp, log2_sq, floor2, HAS_FLOOR)  # fmt: skip
-                g = k_g * p * (d - kl2)  # p = 0 where d was zeroed: dead entries write 0
-                tl.store(go, g.to(grad_ptr.dtype.element_ty), mask=msk)
-            for i in range(0, n_full):
-                b = n_full - 1 - i
-                zo, msk = _block(b, cols, head, V, z_row, z_start, stride_zc, BLOCK, False)
-                to, msk = _block(b, cols, head, V, t_row, t_start, stride_tc, BLOCK, False)
-                go, msk = _block(b, cols, head, V, g_row, g_start, 1, BLOCK, False)
-                p, d = _log2_ratio(_load(zo, msk, False), _load(to, msk, False),
-                                   sh_z, sh_t, c_p, log2_sp, log2_sq, floor2, HAS_FLOOR)  # fmt: skip
-                g = k_g * p * (d - kl2)
-                tl.store(go, g.to(grad_ptr.dtype.element_ty))
+            # Sweep 2: the edge blocks, then the full ones, each last block first.
+            _grad_sweep(n_full, n_blocks, cols, head, V, z_row, z_start, stride_zc, t_row, t_start, stride_tc,
+                        g_row, g_start, sh_z, sh_t, c_p, log2_sp, log2_sq, floor2, kl2, k_g, 0.0, 0, HAS_FLOOR,
+                        False, BLOCK, True)  # fmt: skip
+            _grad_sweep(0, n_full, cols, head, V, z_row, z_start, stride_zc, t_row, t_start, stride_tc,
+                        g_row, g_start, sh_z, sh_t, c_p, log2_sp, log2_sq, floor2, kl2, k_g, 0.0, 0, HAS_FLOOR,
+                        False, BLOCK, False)  # fmt: skip
     else:
         tl.store(kl_ptr + row, 0.0)
-        if NEED_GRAD:  # the gradient buffer is uninitialised: inactive rows get explicit zeros, no reads
-            zeros = tl.zeros((BLOCK,), tl.float32).to(grad_ptr.dtype.element_ty)
-            for b in range(0, n_full):
-                go, msk = _block(b, cols, head, V, g_row, g_start, 1, BLOCK, False)
-                tl.store(go, zeros)
-            for b in range(n_full, n_blocks):
-                go, msk = _block(b, cols, head, V, g_row, g_start, 1, BLOCK, True)
-                tl.store(go, zeros, mask=msk)
+        if NEED_GRAD:
+            _zero_row(g_row, g_start, cols, head, V, n_full, n_blocks, BLOCK)
 
 
 def interpreting() -> bool:

@@ -29,40 +29,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .dense_kl_triton import LN2, LOG2E, _load, _log2_ratio, _stats_step, launch_config, row_alignment
+from .dense_kl_triton import (
+    LN2,
+    LOG2E,
+    _grad_sweep,
+    _prologue,
+    _row_blocks,
+    _row_stats,
+    _zero_row,
+    launch_config,
+    row_alignment,
+)
 
 STATE = 5  # row state columns: sh_z, sh_t, log2 s_p, log2 s_q, KL / ln 2
-
-
-@triton.jit
-def _at(b, cols, head, V, row_ptr, start_ptr, stride_c, BLOCK: tl.constexpr, EDGE: tl.constexpr):
-    """(pointers, mask, column index) of block b of a row; the layout of `dense_kl_triton._block`."""
-    k = b * BLOCK + cols
-    if EDGE:
-        c = head + k
-        c = tl.where(c >= V, c - V, c)
-        return row_ptr + c * stride_c, k < V, c
-    return start_ptr + k * stride_c, k < V, head + k
-
-
-@triton.jit
-def _prologue(z_ptr, t_ptr, g_ptr, row, stride_zr, stride_tr, stride_gr, V, ALIGNED: tl.constexpr,
-              VEC: tl.constexpr):  # fmt: skip
-    """Row pointers and the aligned start of the full blocks (see `dense_kl_triton`'s docstring)."""
-    z_off = row * stride_zr
-    t_off = row * stride_tr
-    g_off = row * stride_gr
-    if ALIGNED:
-        head = tl.minimum((VEC - z_off % VEC) % VEC, V).to(tl.int32)
-        z_start = z_ptr + tl.multiple_of(z_off + head, VEC)
-        t_start = t_ptr + tl.multiple_of(t_off + head, VEC)
-        g_start = g_ptr + tl.multiple_of(g_off + head, VEC)
-    else:
-        head = 0
-        z_start = z_ptr + z_off
-        t_start = t_ptr + t_off
-        g_start = g_ptr + g_off
-    return head, z_ptr + z_off, t_ptr + t_off, g_ptr + g_off, z_start, t_start, g_start
 
 
 @triton.jit
@@ -76,52 +55,12 @@ def _hybrid_fwd_kernel(
     head, z_row, t_row, _g, z_start, t_start, _gs = _prologue(
         z_ptr, t_ptr, z_ptr, row, stride_zr, stride_tr, 0, V, ALIGNED, VEC
     )
-    cols = tl.arange(0, BLOCK)
-    n_blocks = tl.cdiv(V, BLOCK)
-    n_full = (V - head) // BLOCK
-    is_active = True
-    if HAS_ACTIVE:
-        is_active = tl.load(active_ptr + row) != 0
+    cols, n_blocks, n_full, is_active = _row_blocks(active_ptr, row, head, V, HAS_ACTIVE, BLOCK)
     if is_active:
-        neg_inf = -float("inf")
         c_p = inv_tau * LOG2E
-        m_z = tl.full((), neg_inf, tl.float32)
-        m_t = tl.full((), neg_inf, tl.float32)
-        sp = tl.zeros((BLOCK,), tl.float32)
-        sq = tl.zeros((BLOCK,), tl.float32)
-        a = tl.zeros((BLOCK,), tl.float32)
-        for b in range(0, n_full):
-            zo, msk, _c = _at(b, cols, head, V, z_row, z_start, stride_zc, BLOCK, False)
-            to, msk, _c = _at(b, cols, head, V, t_row, t_start, stride_tc, BLOCK, False)
-            m_z, m_t, sp, sq, a = _stats_step(_load(zo, msk, False), _load(to, msk, False),
-                                              m_z, m_t, sp, sq, a, c_p, not HAS_FLOOR)  # fmt: skip
-        for b in range(n_full, n_blocks):
-            zo, msk, _c = _at(b, cols, head, V, z_row, z_start, stride_zc, BLOCK, True)
-            to, msk, _c = _at(b, cols, head, V, t_row, t_start, stride_tc, BLOCK, True)
-            m_z, m_t, sp, sq, a = _stats_step(_load(zo, msk, True), _load(to, msk, True),
-                                              m_z, m_t, sp, sq, a, c_p, not HAS_FLOOR)  # fmt: skip
-        sh_z = tl.where(m_z == neg_inf, 0.0, m_z)
-        sh_t = tl.where(m_t == neg_inf, 0.0, m_t)
-        log2_sp = tl.log2(tl.sum(sp, 0))
-        log2_sq = tl.log2(tl.sum(sq, 0))
-        floor2 = floor * LOG2E
-        if HAS_FLOOR:
-            kl_vec = tl.zeros((BLOCK,), tl.float32)
-            for b in range(0, n_full):
-                zo, msk, _c = _at(b, cols, head, V, z_row, z_start, stride_zc, BLOCK, False)
-                to, msk, _c = _at(b, cols, head, V, t_row, t_start, stride_tc, BLOCK, False)
-                p, d = _log2_ratio(_load(zo, msk, False), _load(to, msk, False),
-                                   sh_z, sh_t, c_p, log2_sp, log2_sq, floor2, True)  # fmt: skip
-                kl_vec += p * d
-            for b in range(n_full, n_blocks):
-                zo, msk, _c = _at(b, cols, head, V, z_row, z_start, stride_zc, BLOCK, True)
-                to, msk, _c = _at(b, cols, head, V, t_row, t_start, stride_tc, BLOCK, True)
-                p, d = _log2_ratio(_load(zo, msk, True), _load(to, msk, True),
-                                   sh_z, sh_t, c_p, log2_sp, log2_sq, floor2, True)  # fmt: skip
-                kl_vec += p * d
-            kl2 = tl.sum(kl_vec, 0)
-        else:
-            kl2 = tl.sum(a, 0) / tl.sum(sp, 0) - log2_sp + log2_sq
+        sh_z, sh_t, log2_sp, log2_sq, floor2, kl2 = _row_stats(cols, head, V, n_full, n_blocks, z_row, z_start,
+                                                               stride_zc, t_row, t_start, stride_tc, c_p, floor,
+                                                               HAS_FLOOR, BLOCK)  # fmt: skip
         # The sampled token: two scalar loads, log-probs from the same centred base-2 quantities.
         y = tl.load(y_ptr + row)
         z_y = tl.load(z_row + y * stride_zc).to(tl.float32)
@@ -155,12 +94,7 @@ def _hybrid_bwd_kernel(
     head, z_row, t_row, g_row, z_start, t_start, g_start = _prologue(
         z_ptr, t_ptr, g_ptr, row, stride_zr, stride_tr, stride_gr, V, ALIGNED, VEC
     )
-    cols = tl.arange(0, BLOCK)
-    n_blocks = tl.cdiv(V, BLOCK)
-    n_full = (V - head) // BLOCK
-    is_active = True
-    if HAS_ACTIVE:
-        is_active = tl.load(active_ptr + row) != 0
+    cols, n_blocks, n_full, is_active = _row_blocks(active_ptr, row, head, V, HAS_ACTIVE, BLOCK)
     if is_active:
         c_p = inv_tau * LOG2E
         s = state_ptr + row * 5
@@ -173,33 +107,16 @@ def _hybrid_bwd_kernel(
         k_a = tl.load(a_ptr + row) * inv_tau * LN2  # dense coefficient, base-2 log-ratios
         k_b = tl.load(b_ptr + row) * inv_tau  # score coefficient
         y = tl.load(y_ptr + row).to(tl.int32)
-        # Last block first: on a GPU the blocks of the row other programs just wrote are likelier in L2.
-        for i in range(0, n_blocks - n_full):
-            b = n_blocks - 1 - i
-            zo, msk, c = _at(b, cols, head, V, z_row, z_start, stride_zc, BLOCK, True)
-            to, msk, c = _at(b, cols, head, V, t_row, t_start, stride_tc, BLOCK, True)
-            go, msk, c = _at(b, cols, head, V, g_row, g_start, 1, BLOCK, True)
-            p, d = _log2_ratio(_load(zo, msk, True), _load(to, msk, True),
-                               sh_z, sh_t, c_p, log2_sp, log2_sq, floor2, HAS_FLOOR)  # fmt: skip
-            g = p * (k_a * (d - kl2) - k_b) + tl.where(c == y, k_b, 0.0)
-            tl.store(go, g.to(g_ptr.dtype.element_ty), mask=msk)
-        for i in range(0, n_full):
-            b = n_full - 1 - i
-            zo, msk, c = _at(b, cols, head, V, z_row, z_start, stride_zc, BLOCK, False)
-            to, msk, c = _at(b, cols, head, V, t_row, t_start, stride_tc, BLOCK, False)
-            go, msk, c = _at(b, cols, head, V, g_row, g_start, 1, BLOCK, False)
-            p, d = _log2_ratio(_load(zo, msk, False), _load(to, msk, False),
-                               sh_z, sh_t, c_p, log2_sp, log2_sq, floor2, HAS_FLOOR)  # fmt: skip
-            g = p * (k_a * (d - kl2) - k_b) + tl.where(c == y, k_b, 0.0)
-            tl.store(go, g.to(g_ptr.dtype.element_ty))
+        # Last block first (edge blocks, then full ones): on a GPU the blocks of the row other programs just wrote
+        # are likelier in L2.
+        _grad_sweep(n_full, n_blocks, cols, head, V, z_row, z_start, stride_zc, t_row, t_start, stride_tc, g_row,
+                    g_start, sh_z, sh_t, c_p, log2_sp, log2_sq, floor2, kl2, k_a, k_b, y, HAS_FLOOR, True, BLOCK,
+                    True)  # fmt: skip
+        _grad_sweep(0, n_full, cols, head, V, z_row, z_start, stride_zc, t_row, t_start, stride_tc, g_row,
+                    g_start, sh_z, sh_t, c_p, log2_sp, log2_sq, floor2, kl2, k_a, k_b, y, HAS_FLOOR, True, BLOCK,
+                    False)  # fmt: skip
     else:  # the gradient buffer is uninitialised: inactive rows get explicit zeros, no reads
-        zeros = tl.zeros((BLOCK,), tl.float32).to(g_ptr.dtype.element_ty)
-        for b in range(0, n_full):
-            go, msk, c = _at(b, cols, head, V, g_row, g_start, 1, BLOCK, False)
-            tl.store(go, zeros)
-        for b in range(n_full, n_blocks):
-            go, msk, c = _at(b, cols, head, V, g_row, g_start, 1, BLOCK, True)
-            tl.store(go, zeros, mask=msk)
+        _zero_row(g_row, g_start, cols, head, V, n_full, n_blocks, BLOCK)
 
 
 def _prepare(z: torch.Tensor, t: torch.Tensor, active: torch.Tensor | None):

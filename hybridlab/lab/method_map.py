@@ -158,6 +158,20 @@ def method_rows(
     grpo_kw = dict(
         beta=0.0, lam=lam * (g - 1) / g, baseline="reward_group", group_size=g, normalize="per_sequence"
     )
+
+    def grpo_k3() -> dict:
+        """GRPO with the k3 KL in its loss (the reference, or the teacher for dGRPO): a fresh copy per row."""
+        return dict(
+            rule=partial(grpo_loss, lam=lam, group_size=g, beta_kl=beta),
+            setting={**grpo_kw, "beta": beta},
+            wrong={**grpo_kw, "beta": beta},
+            j_weights=(lam, beta),
+            unbiased=False,
+            batch=True,
+            setting_fn=C.CONTROLS["k3_loss"],
+            setting_text="controls.kl_as_loss(kind='k3', ...) with the GRPO options (a negative control)",
+        )
+
     return [
         MethodRow(
             "GKD (on-policy, reverse KL, 1/length per response)",
@@ -263,16 +277,9 @@ def method_rows(
         ),
         MethodRow(
             f"GRPO with its KL in the loss (Bregman estimator, beta_KL = {beta:g})",
-            partial(grpo_loss, lam=lam, group_size=g, beta_kl=beta),
-            {**grpo_kw, "beta": beta},
-            {**grpo_kw, "beta": beta},
-            (lam, beta),
-            False,
-            "differentiating the Bregman estimate r - 1 - log r gives the forward KL per state, not the reverse KL of J: "
-            "only the Bregman-as-loss negative control (k3_loss) reproduces it",
-            batch=True,
-            setting_fn=C.CONTROLS["k3_loss"],
-            setting_text="controls.kl_as_loss(kind='k3', ...) with the GRPO options (a negative control)",
+            verdict="differentiating the Bregman estimate r - 1 - log r gives the forward KL per state, not the "
+            "reverse KL of J: only the Bregman-as-loss negative control (k3_loss) reproduces it",
+            **grpo_k3(),
         ),
         MethodRow(
             "PPO-RLHF, log-ratio penalty in the reward, no critic",
@@ -348,16 +355,9 @@ def method_rows(
         ),
         MethodRow(
             f"dGRPO: GRPO with the teacher as its KL anchor (k3 in the loss, beta_KL = {beta:g}; group of {g})",
-            partial(grpo_loss, lam=lam, group_size=g, beta_kl=beta),
-            {**grpo_kw, "beta": beta},
-            {**grpo_kw, "beta": beta},
-            (lam, beta),
-            False,
-            "the 'GRPO with its KL' row with the teacher as reference (written from its description): the k3 loss "
-            "follows the forward KL per state, not the reverse KL of J",
-            batch=True,
-            setting_fn=C.CONTROLS["k3_loss"],
-            setting_text="controls.kl_as_loss(kind='k3', ...) with the GRPO options (a negative control)",
+            verdict="the 'GRPO with its KL' row with the teacher as reference (written from its description): the "
+            "k3 loss follows the forward KL per state, not the reverse KL of J",
+            **grpo_k3(),
         ),
         MethodRow(
             "vOPD: sampled-token OPD minus its value baseline -beta KL_t(s_t)",

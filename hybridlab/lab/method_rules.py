@@ -97,6 +97,12 @@ def _mask(mask, actions):
     return torch.ones(actions.shape, dtype=torch.bool) if mask is None else mask
 
 
+def _rule_terms(student_logits, teacher_logits, actions, mask, temperature: float):
+    """(mask [B, T], logp, logq, kl): the default all-True mask where none is given, then `token_terms`."""
+    mask = _mask(mask, actions)
+    return (mask, *token_terms(student_logits, teacher_logits, actions, mask, temperature))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The rules. Each returns a scalar loss; -grad(loss) is the rule's estimate (a mean over the batch).
 
@@ -190,6 +196,11 @@ def _score_loss(logp, adv, mask, c) -> torch.Tensor:
     return -(c[:, None] * logp * torch.where(mask, adv.detach(), _zero(adv))).sum()
 
 
+def _reinforce(logp, adv, mask, seq_weights) -> torch.Tensor:
+    """`_score_loss` with c_b = w_b / B (a mean over the batch; w_b = pi(y_b) when enumerating)."""
+    return _score_loss(logp, adv, mask, _weights(mask, seq_weights, logp.dtype))
+
+
 def _group_centred(rewards, group_size: int, dtype) -> torch.Tensor:
     b = rewards.shape[0]
     if group_size < 2 or b % group_size:
@@ -215,10 +226,9 @@ def opd_loss(
 
     A_t = lam R - beta k_t,     loss = -sum_b c_b sum_t log pi_theta(y_t|s_t) * stopgrad(A_t)
     """
-    mask = _mask(mask, actions)
-    logp, logq, _ = token_terms(student_logits, teacher_logits, actions, mask, temperature)
+    mask, logp, logq, _ = _rule_terms(student_logits, teacher_logits, actions, mask, temperature)
     adv = lam * rewards.to(logp.dtype)[:, None] - beta * (logp - logq)
-    return _score_loss(logp, adv, mask, _weights(mask, seq_weights, logp.dtype))
+    return _reinforce(logp, adv, mask, seq_weights)
 
 
 def minillm_loss(
@@ -245,8 +255,7 @@ def minillm_loss(
     future log-ratio; 0 when none remain). No reward (pure distillation); importance weights of the teacher-mixed
     sampling are 1 (samples from the student).
     """
-    mask = _mask(mask, actions)
-    logp, logq, kl = token_terms(student_logits, teacher_logits, actions, mask, temperature)
+    mask, logp, logq, kl = _rule_terms(student_logits, teacher_logits, actions, mask, temperature)
     r_future = _future(-(logp - logq).detach(), mask, gamma)
     if length_normalize:
         n_future = _future(torch.ones_like(logp), mask, gamma)
@@ -278,9 +287,8 @@ def grpo_loss(
 
     The group mean includes the sample itself (unlike a leave-one-out baseline).
     """
-    mask = _mask(mask, actions)
     b = actions.shape[0]
-    logp, logq, _ = token_terms(student_logits, teacher_logits, actions, mask, temperature)
+    mask, logp, logq, _ = _rule_terms(student_logits, teacher_logits, actions, mask, temperature)
     adv = _group_centred(rewards, group_size, logp.dtype)
     if scale_std:
         std = rewards.to(logp.dtype).reshape(b // group_size, group_size).std(1, keepdim=True)
@@ -312,12 +320,11 @@ def ppo_kl_reward_loss(
     return            G_t   = sum_{t' >= t} rew_t' = lam R - beta sum_{t' >= t} k_t'
     loss              = -sum_b c_b sum_t log pi_theta(y_t|s_t) * stopgrad(G_t)
     """
-    mask = _mask(mask, actions)
-    logp, logq, _ = token_terms(student_logits, teacher_logits, actions, mask, temperature)
+    mask, logp, logq, _ = _rule_terms(student_logits, teacher_logits, actions, mask, temperature)
     k = torch.where(mask, (logp - logq).detach(), _zero(logp))
     from_t = _future(k, mask, 1.0) + k  # sum_{t' >= t}
     g = lam * rewards.to(logp.dtype)[:, None] - beta * from_t
-    return _score_loss(logp, g, mask, _weights(mask, seq_weights, logp.dtype))
+    return _reinforce(logp, g, mask, seq_weights)
 
 
 def hybrid_rule_loss(
@@ -337,8 +344,7 @@ def hybrid_rule_loss(
 
     loss = sum_b c_b sum_t [ beta KL_t(s_t) - log pi_theta(y_t|s_t) stopgrad(lam R - beta sum_{t'>t} KL_t') ]
     """
-    mask = _mask(mask, actions)
-    logp, _, kl = token_terms(student_logits, teacher_logits, actions, mask, temperature)
+    mask, logp, _, kl = _rule_terms(student_logits, teacher_logits, actions, mask, temperature)
     g = lam * rewards.to(logp.dtype)[:, None] - beta * _future(kl.detach(), mask, 1.0)
     c = _weights(mask, seq_weights, logp.dtype)
     return (c[:, None] * (beta * kl - logp * torch.where(mask, g, _zero(g)))).sum()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .method_rules import _group_centred, _mask, _score_loss, _weights, opd_loss, token_terms
+from .method_rules import _group_centred, _reinforce, _rule_terms, _score_loss, _weights, opd_loss
 
 
 def additive_opd_loss(
@@ -31,10 +31,9 @@ def additive_opd_loss(
         A_t = lam (R_i - mean_group R) - beta k_t,    loss = -(1/B) sum_i sum_t log pi(y_it) stopgrad(A_t)
 
     Summed over tokens per response (the frameworks' token-mean aggregation adds the TRL row's bias); no std."""
-    mask = _mask(mask, actions)
-    logp, logq, _ = token_terms(student_logits, teacher_logits, actions, mask, temperature)
+    mask, logp, logq, _ = _rule_terms(student_logits, teacher_logits, actions, mask, temperature)
     adv = lam * _group_centred(rewards, group_size, logp.dtype)[:, None] - beta * (logp - logq)
-    return _score_loss(logp, adv, mask, _weights(mask, None, logp.dtype))
+    return _reinforce(logp, adv, mask, None)
 
 
 def kdrl_loss(
@@ -58,8 +57,7 @@ def kdrl_loss(
 
     Written from the paper's description (k2, reward-guided masking); its GRPO normalisation and std are left
     out (the GRPO rows measure those). grad k2/2 = k_t grad log pi(y_t): per sample the gated k1 advantage."""
-    mask = _mask(mask, actions)
-    logp, logq, _ = token_terms(student_logits, teacher_logits, actions, mask, temperature)
+    mask, logp, logq, _ = _rule_terms(student_logits, teacher_logits, actions, mask, temperature)
     c = _weights(mask, None, logp.dtype)
     rl = _score_loss(logp, lam * _group_centred(rewards, group_size, logp.dtype)[:, None], mask, c)
     wrong = (rewards.to(logp.dtype) < gate).to(logp.dtype)
@@ -84,11 +82,10 @@ def opdvr_loss(
     only where the verifier rejects the response; the exact form was not available here):
 
         A_t = lam R - beta 1[R < gate] k_t   (sampled token, discount 0),   REINFORCE, summed over tokens / B"""
-    mask = _mask(mask, actions)
-    logp, logq, _ = token_terms(student_logits, teacher_logits, actions, mask, temperature)
+    mask, logp, logq, _ = _rule_terms(student_logits, teacher_logits, actions, mask, temperature)
     r = rewards.to(logp.dtype)[:, None]
     adv = lam * r - beta * (r < gate).to(logp.dtype) * (logp - logq)
-    return _score_loss(logp, adv, mask, _weights(mask, seq_weights, logp.dtype))
+    return _reinforce(logp, adv, mask, seq_weights)
 
 
 def gopd_loss(
@@ -111,14 +108,13 @@ def gopd_loss(
 
     `reference`: a policy (actions -> logits) or None for a uniform reference (then the teacher at temperature
     1 / lam_x). The objective is from the paper; the per-token discount 0 is OPD's, not checked in its code."""
-    mask = _mask(mask, actions)
-    logp, logq, _ = token_terms(student_logits, teacher_logits, actions, mask, temperature)
+    mask, logp, logq, _ = _rule_terms(student_logits, teacher_logits, actions, mask, temperature)
     ref = torch.zeros_like(student_logits) if reference is None else reference(actions)
     logr = torch.log_softmax(ref.detach().to(logp.dtype), -1).gather(-1, actions.clamp_min(0)[..., None])[
         ..., 0
     ]
     adv = lam_x * (logq - logr) - (logp - logr)
-    return _score_loss(logp, adv, mask, _weights(mask, seq_weights, logp.dtype))
+    return _reinforce(logp, adv, mask, seq_weights)
 
 
 def vopd_loss(
@@ -137,10 +133,9 @@ def vopd_loss(
     which has the closed form V(s_t) = -beta KL_t(s_t) (the full-vocabulary KL at the visited state):
 
         A_t = -beta (k_t - KL_t(s_t)),   REINFORCE (a baseline that does not depend on y_t: same mean, less variance)"""
-    mask = _mask(mask, actions)
-    logp, logq, kl = token_terms(student_logits, teacher_logits, actions, mask, temperature)
+    mask, logp, logq, kl = _rule_terms(student_logits, teacher_logits, actions, mask, temperature)
     adv = -beta * ((logp - logq) - kl)
-    return _score_loss(logp, adv, mask, _weights(mask, seq_weights, logp.dtype))
+    return _reinforce(logp, adv, mask, seq_weights)
 
 
 def sequential_loss(
@@ -180,8 +175,7 @@ def trust_loss(
     p_T on the prompt (here one prompt, so per-prompt and global trust coincide):
 
         loss = sum_b c_b sum_t [ beta p_T KL_t(s_t) - log pi(y_t) stopgrad(lam R) ]"""
-    mask = _mask(mask, actions)
-    logp, _, kl = token_terms(student_logits, teacher_logits, actions, mask, temperature)
+    mask, logp, _, kl = _rule_terms(student_logits, teacher_logits, actions, mask, temperature)
     c = _weights(mask, seq_weights, logp.dtype)
     r = lam * rewards.to(logp.dtype)[:, None].expand_as(logp)
     return (c[:, None] * beta * success * kl).sum() + _score_loss(logp, r, mask, c)

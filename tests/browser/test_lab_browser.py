@@ -13,7 +13,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ from pathlib import Path
 import pytest
 from _browser import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
 
+from tests._net import free_port
+
 pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,12 +32,6 @@ ARTIFACTS = ROOT / "artifacts" / "browser"
 # Generous waits: a loaded CI machine may be slow. Latency is printed and written to artifacts/, never asserted.
 WAIT_S = 300
 LAPTOP_WIDTH = 1280  # px: the dashboard must stay readable at this window width (file browser open)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for_server(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
@@ -94,7 +89,7 @@ def test_slider_and_run_redraw_the_figure(tmp_path):
     serve = tmp_path / "notebooks"
     serve.mkdir()
     shutil.copy(NOTEBOOK, serve / NOTEBOOK.name)
-    port, token = _free_port(), secrets.token_hex(16)
+    port, token = free_port(), secrets.token_hex(16)
     env = dict(os.environ)
     env.pop("MPLBACKEND", None)  # the kernel gets Jupyter's default (inline) backend
     env.update(
