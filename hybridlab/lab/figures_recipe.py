@@ -166,3 +166,18 @@ def plot_shortcut(runs: Mapping[str, Mapping[str, Sequence[float]]]) -> Figure:
     axes[3].set_ylim(-1.05, 1.05)
     _legend_below(fig, axes[0], ncols=3)
     return fig
+
+
+def step_size_table(res: Mapping) -> str:
+    """Markdown for `data/results/recipe_lr.json`: per teacher strength and rule, the final reward (mean ± std over
+    seeds) at the recipe study's learning rate and at twice it, and the samples each seed needed to reach RL-only's
+    final reward at the study's rate ("never" where it did not)."""
+    lo, hi = res["reference_lr"], res["lr"]
+    lines = [f"| teacher | rule | final reward, lr {lo:g} | final reward, lr {hi:g} | samples to RL-only's "
+             f"{lo:g} final, lr {hi:g} (per seed) |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    for n, t in res["teachers"].items():
+        for rule, d in t["rules"].items():
+            reach = ", ".join("never" if x is None else f"{x:,}" for x in d["samples_to_rl_final_3e-4"])
+            lines.append(f"| {n} | {rule} | {_ms(d['final_reward_3e-4'])} | {_ms(d['final_reward_6e-4'])} | "
+                         f"{reach} |")  # fmt: skip
+    return "\n".join(lines)
