@@ -29,6 +29,15 @@ from ._onepass import OFFSET_LIMIT
 _COMPILED: dict[str, object] = {}
 
 
+def cpu_compiler_available() -> bool:
+    """Whether Inductor can build CPU code here: a C++ compiler on PATH ($CXX, g++, c++ or clang++)."""
+    import os
+    import shutil
+
+    names = [os.environ.get("CXX"), "g++", "c++", "clang++"]
+    return any(n and shutil.which(n) for n in names)
+
+
 def _rows_forward(z: torch.Tensor, t: torch.Tensor, y: torch.Tensor, inv_tau: torch.Tensor):
     x = z.float() * inv_tau
     tt = t.float()

@@ -14,7 +14,12 @@ from hybridlab._onepass import OFFSET_LIMIT, rows_forward
 from hybridlab.dense import dense_kl
 from tests.tolerances import kl_tolerance
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.skipif(
+        not _compiled.cpu_compiler_available(), reason="no C++ compiler: Inductor cannot build"
+    ),
+]
 
 
 def _inputs(n, v, seed, scale=3.0):
