@@ -27,7 +27,7 @@ def _study(tmp_path, finals):
     for m, per_seed in finals.items():
         for s, f in enumerate(per_seed):
             _write_run(tmp_path, s, m, [0.1] * 15 + [f] * 5)
-    return rs.collect(CONFIG, tmp_path, tmp_path / "out.json")
+    return rs.collect(CONFIG, tmp_path, tmp_path / "out.json", seeds=(0, 1, 2))
 
 
 def test_summary_is_the_mean_and_std_over_seeds(tmp_path):

@@ -104,7 +104,7 @@ def plot_short_run(history: Mapping[str, Sequence[float]], title: str = "A short
 
 
 def plot_study(res: Mapping, teacher_sampled: float | None = None) -> Figure:
-    """The 3-seed study (`data/results/real_model_study.json`): per method, the mean over seeds of the 5-step running
+    """The study (`data/results/real_model_study.json`): per method, the mean over seeds of the 5-step running
     mean of the training reward, of the sequence KL to the teacher and of the response length, against responses
     sampled; the band spans the seeds' lowest and highest value at each point."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.9))

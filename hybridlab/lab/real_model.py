@@ -208,7 +208,7 @@ def seeds_at(res: dict, min_step: int = 5) -> list[dict[str, Any]]:
 
 
 def study_table(res: dict) -> str:
-    """The 3-seed study's summary as Markdown: per method, mean +- std over seeds of the last-5-step training
+    """The study's summary as Markdown: per method, mean +- std over seeds of the last-5-step training
     reward, the sequence KL, the response length and the last evaluation, and the per-seed rewards."""
     lines = ["| method | seeds | reward, last 5 steps | per seed | KL/seq, last 5 | length, last 5 | eval greedy acc "
              "| eval sampled acc |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
