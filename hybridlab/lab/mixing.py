@@ -32,8 +32,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..hybrid import NORMALIZATIONS, hybrid_loss
+from ..hybrid import FUTURE_NORMS, NORMALIZATIONS, hybrid_loss
 from ..sparse import FUTURE_ESTIMATORS
+from ..train.config import schedule_value
+from ..train.recipe import recipe_beta
 from .exact import (
     DTYPE,
     TinyPolicy,
@@ -56,6 +58,11 @@ LOOPHOLE_REWARD = 2.0
 MODES = ("exact", "sampled")
 BASELINES = ("none", "reward_group", "return_group")
 REWARDS = ("count0", "loophole", "random")
+# The engine's weight schedules without "plateau" (a run here is as long as you click): see TrainConfig.
+SCHEDULES = ("constant", "linear", "cosine", "switch")
+TRUSTS = ("none", "global")  # one prompt: per-prompt trust is global trust here
+GATES = ("none", "incorrect")
+GATE_REWARD = 1.0  # dense_gate="incorrect": the teacher's terms only where R < 1 (count0: not all 'a')
 METRICS = (
     "step",
     "reward",
@@ -80,6 +87,15 @@ DEFAULTS = {
     "normalize": "sequences",
     "mode": "exact",
     "reward": "count0",
+    # the recipe settings (TrainConfig's of the same names; their objectives and biases: `MixingModel`)
+    "lam_schedule": "constant",
+    "lam_final": 1.0,
+    "beta_schedule": "constant",
+    "beta_final": 0.0,
+    "switch_step": 50,
+    "teacher_trust": "none",
+    "dense_gate": "none",
+    "future_norm": "sum",
 }
 _CHOICES = {
     "future": FUTURE_ESTIMATORS,
@@ -87,6 +103,11 @@ _CHOICES = {
     "normalize": NORMALIZATIONS,
     "mode": MODES,
     "reward": REWARDS,
+    "lam_schedule": SCHEDULES,
+    "beta_schedule": SCHEDULES,
+    "teacher_trust": TRUSTS,
+    "dense_gate": GATES,
+    "future_norm": FUTURE_NORMS,
 }
 
 
@@ -181,7 +202,20 @@ class MixingModel:
         init_scale: scale of the student's random initial logits (small: close to uniform).
         redraw_interval: seconds between figure redraws while a run is in progress (0: only at the end).
         **settings: initial values for `set` (lam, beta, gamma, lr, samples, steps, future, baseline,
-            normalize, mode, reward).
+            normalize, mode, reward, and the recipe settings below).
+
+    The recipe settings, as in `TrainConfig` (each step follows the gradient of the objective named here):
+
+    - lam_schedule / beta_schedule ("constant" | "linear" | "cosine" | "switch") with lam_final / beta_final and
+      switch_step: update k (0-based, counted from the last reset) uses lam_k, beta_k of the engine's
+      `schedule_value` over a run of `steps` updates: the gradient of J_k = lam_k E[R] - beta_k KL, that step's
+      objective; the run as a whole follows no single J. "switch" with lam 0 -> lam_final and beta -> 0 is
+      "distil, then RL". The metrics (objective, TV to pi*) stay those of J at lam, beta.
+    - teacher_trust="global": beta x p_T, p_T = E_{pi_T}[R] clipped to [0, 1], the teacher's success rate computed
+      exactly by enumeration: J with a smaller beta (the toy has one prompt, so per-prompt trust is the same).
+    - dense_gate="incorrect": the teacher's terms only on responses with R < 1. The gate depends on the response:
+      not the gradient of a fixed objective (biased).
+    - future_norm="mean": the future KL divided by the remaining token count: length-neutral, biased for J.
     """
 
     def __init__(
@@ -245,10 +279,10 @@ class MixingModel:
             if value not in _CHOICES[name]:
                 raise ValueError(f"{name} must be one of {_CHOICES[name]}, got {value!r}")
             return value
-        if name in ("samples", "steps"):
+        if name in ("samples", "steps", "switch_step"):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-            low = 2 if name == "samples" else 1
+            low = {"samples": 2, "steps": 1, "switch_step": 0}[name]
             if value < low:
                 raise ValueError(f"{name} must be >= {low}, got {value}")
             return int(value)
@@ -259,7 +293,7 @@ class MixingModel:
             raise ValueError(f"gamma must lie in [0, 1], got {value}")
         if name == "lr" and not value > 0:
             raise ValueError(f"lr must be > 0, got {value}")
-        if name in ("lam", "beta") and value < 0:
+        if name in ("lam", "beta", "lam_final", "beta_final") and value < 0:
             raise ValueError(f"{name} must be >= 0 (it weighs a term of J), got {value}")
         return value
 
@@ -317,7 +351,7 @@ class MixingModel:
                 self.space,
                 self.rewards[s["reward"]],
                 parameters=params,
-                **self._loss_kwargs(),
+                **self._loss_kwargs(self.reward_values()),
             )
             scale = float(self.space.size)  # enumerated_loss's gradient is grad J / S
             (scale * out.loss).backward()
@@ -337,11 +371,26 @@ class MixingModel:
             dense=scale * gn["dense"], sparse=scale * gn["sparse"], cosine=gn["cosine"], grad_var=grad_var
         )
 
-    def _loss_kwargs(self) -> dict:
+    def weights_now(self) -> tuple[float, float]:
+        """(lam_k, beta_k) of the next update k (0-based since the last reset) under the schedules."""
+        s, k = self.settings, len(self.history["step"])
+        lam = schedule_value(s["lam_schedule"], s["lam"], s["lam_final"], k, s["steps"], s["switch_step"])
+        beta = schedule_value(s["beta_schedule"], s["beta"], s["beta_final"], k, s["steps"], s["switch_step"])
+        return lam, beta
+
+    def teacher_success(self) -> float:
+        """p_T = E_{pi_T}[R] over the enumeration, clipped to [0, 1]: the teacher's success rate (exact)."""
+        return min(1.0, max(0.0, float((self.teacher_distribution() * self.reward_values()).sum())))
+
+    def _loss_kwargs(self, rewards: torch.Tensor) -> dict:
+        """hybrid_loss's weights for a batch with rewards [B]: the scheduled lam and beta, beta after teacher
+        trust and the reward gate (the engine's `recipe_beta`: a number, or [B] under the gate)."""
         s = self.settings
-        return dict(
-            lam=s["lam"], beta=s["beta"], future=s["future"], gamma=s["gamma"], normalize=s["normalize"]
-        )
+        lam, beta = self.weights_now()
+        beta = recipe_beta(beta, [""] * rewards.shape[0], rewards, s["teacher_trust"], None, self.teacher_success(),
+                           s["dense_gate"], GATE_REWARD, source="teacher_trust")  # fmt: skip
+        return dict(lam=lam, beta=beta, future=s["future"], gamma=s["gamma"], normalize=s["normalize"],
+                    future_norm=s["future_norm"])  # fmt: skip
 
     def _sampled_gradient(self, generator: torch.Generator, params: list):
         """One Monte Carlo batch through `hybrid_loss`: (its output, per-sample gradients of the loss [n, P]).
@@ -357,10 +406,11 @@ class MixingModel:
         with torch.no_grad():
             teacher_logits = self.teacher(actions)
         grouped = s["baseline"] != "none"
+        rewards = self.rewards[s["reward"]](actions, mask)
         out = hybrid_loss(
-            logits, teacher_logits, actions, self.rewards[s["reward"]](actions, mask), mask=mask,
+            logits, teacher_logits, actions, rewards, mask=mask,
             baseline=s["baseline"], group_size=n if grouped else None, backend="torch", parameters=params,
-            **self._loss_kwargs(),
+            **self._loss_kwargs(rewards),
         )  # fmt: skip
         (g_logits,) = torch.autograd.grad(out.loss, logits, retain_graph=True)
         rows = []

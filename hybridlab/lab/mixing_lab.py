@@ -47,6 +47,7 @@ from matplotlib.figure import Figure
 from ..hybrid import NORMALIZATIONS
 from ..sparse import FUTURE_ESTIMATORS
 from .mixing import BASELINES, MODES, REWARDS, MixingModel
+from .mixing_recipe import RECIPE_TIPS, recipe_controls
 
 #: cos(dense, sparse) is drawn only where both norms exceed this fraction of the run's largest gradient norm.
 COSINE_MIN_NORM = 1e-3
@@ -459,7 +460,11 @@ class MixingLab(MixingModel):
             "samples": "sampled mode only: responses per Monte Carlo batch",
             "mode": "exact: expected gradient over all 15 responses; sampled: Monte Carlo batches",
             "reward": "count0: fraction of 'a'; loophole: count0 but 'bbb' scores 2; random: N(0,1) table",
+            **RECIPE_TIPS,
         }
+        names = list(controls)  # the main panel; the recipe controls go in their accordion
+        recipe, recipe_box = recipe_controls(s)
+        controls.update(recipe)
         for name, control in controls.items():
             control.style = style
             control.layout = W.Layout(width="320px")
@@ -486,7 +491,6 @@ class MixingLab(MixingModel):
             format="png", layout=W.Layout(width="100%", max_width="1000px", min_width="0", margin="0")
         )
         image.add_class("hybridlab-figure")
-        names = list(controls)
         column = {"layout": W.Layout(flex="0 1 330px")}
         panel = W.HBox(
             layout=W.Layout(flex_flow="row wrap", align_items="flex-start"),
@@ -497,7 +501,7 @@ class MixingLab(MixingModel):
             ],
         )
         title = W.HTML("<b>Mixing-weights lab</b> &nbsp; J = λ E[R] − β KL(π‖π<sub>T</sub>)")
-        widget = W.VBox([title, panel, image], layout=W.Layout(align_items="stretch"))
+        widget = W.VBox([title, panel, recipe_box, image], layout=W.Layout(align_items="stretch"))
         widget.add_class("hybridlab-mixing-lab")
         self._widgets = {"controls": controls, "buttons": buttons, "status": status, "image": image,
                          "widget": widget}  # fmt: skip
