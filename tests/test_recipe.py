@@ -351,11 +351,13 @@ def length_reward(prompts, responses, answers):
     return [len(r) % 3 / 2 for r in responses]  # varies within a group: every part has a gradient
 
 
-def test_grad_parts_add_up_to_the_update_and_future_share(tok, rows):
-    """dense + reward + future gradients == the gradient the optimizer applies (pre-clip), with grad_accum too."""
+@pytest.mark.parametrize("future_norm", ["sum", "mean"])
+def test_grad_parts_add_up_to_the_update_and_future_share(tok, rows, future_norm):
+    """dense + reward + future gradients == the gradient the optimizer applies (pre-clip), with grad_accum too,
+    and with the length-neutral return (the parts split the loss's own returns, normalised or not)."""
     for accum in (1, 3):
         tr = make_trainer(tok, rows, grad_diagnostics=True, grad_accum=accum, lam=2.0, beta=0.5,
-                          reward=length_reward)  # fmt: skip
+                          reward=length_reward, future_norm=future_norm)  # fmt: skip
         parts = {}
         orig = tr.policy.forward
 
