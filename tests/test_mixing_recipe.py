@@ -15,10 +15,12 @@ def _applied(m: MixingModel) -> torch.Tensor:
     return torch.cat([p.grad.reshape(-1) for p in m.policy.parameters()])
 
 
-def expected_update(policy, teacher, space, rewards, lam: float, beta_y: torch.Tensor) -> torch.Tensor:
+def expected_update(policy, teacher, space, rewards, lam: float, beta_y: torch.Tensor, mean: bool = False
+                    ) -> torch.Tensor:  # fmt: skip
     """The expected update of the loss, written from the formula, with per-response teacher weights beta_y [S]
     (analytic future KL, gamma 1, no baseline): sum_y pi(y) [ sum_t beta_y grad KL_t - sum_t grad log pi(y_t)
-    (lam R_y - beta_y sum_{t' > t} KL_t') ], what the optimiser sees (-grad J when every beta_y is beta)."""
+    (lam R_y - beta_y F_t) ], F_t = sum_{t' > t} KL_t' (`mean`: divided by the number of tokens after t), what
+    the optimiser sees (-grad J when every beta_y is beta and F_t is the sum)."""
     logits = policy(space.actions)
     lp = torch.log_softmax(logits, -1)
     with torch.no_grad():
@@ -29,6 +31,9 @@ def expected_update(policy, teacher, space, rewards, lam: float, beta_y: torch.T
     with torch.no_grad():
         w = token_logprobs(policy, space.actions, mask).sum(1).exp()  # pi(y)
         after = kl.detach().flip(1).cumsum(1).flip(1) - kl.detach()  # sum over t' > t
+        if mean:
+            count = mask.double().flip(1).cumsum(1).flip(1) - mask.double()  # tokens after t
+            after = torch.where(count > 0, after / count.clamp_min(1), 0.0)
         ret = lam * rewards[:, None] - beta_y[:, None] * after
     est = (w * (beta_y * kl.sum(1) - (logp_y * ret).sum(1))).sum()
     return flat_grad(est, policy)
@@ -89,22 +94,70 @@ def test_the_reward_gate_is_its_estimators_expectation_and_biased_for_J():
 
 
 def test_future_norm_mean_moves_the_step_off_grad_J_and_is_inert_without_a_future_term():
-    _, before, g = _step(future_norm="mean", lam=1.0, beta=0.5, reward="count0")
-    m = MixingModel(seed=0)
+    m, before, g = _step(future_norm="mean", lam=1.0, beta=0.5, reward="count0")
+    r = m.reward_values()
+    want = expected_update(before, m.teacher, m.space, r, 1.0, torch.full_like(r, 0.5), mean=True)
+    torch.testing.assert_close(g, want, rtol=1e-9, atol=1e-12)  # the length-neutral estimator's expectation
     exact = exact_gradient(before, m.teacher, m.space, m.rewards["count0"], lam=1.0, beta=0.5)
     bias = float((g + exact).norm() / exact.norm())
-    assert bias > 1e-3, bias  # biased for J (the length-neutral return is not its gradient)
+    assert bias > 1e-3, bias  # biased for J (the length-neutral return is not its gradient): 0.070 here
+    summed = expected_update(before, m.teacher, m.space, r, 1.0, torch.full_like(r, 0.5))
+    torch.testing.assert_close(-summed, exact, rtol=1e-9, atol=1e-12)  # control: the sum is grad J exactly
     _, _, g_none = _step(future_norm="mean", future="none", lam=1.0, beta=0.5, reward="count0")
     _, _, g_ref = _step(future="none", lam=1.0, beta=0.5, reward="count0")
     torch.testing.assert_close(g_none, g_ref, rtol=0, atol=0)
 
 
+def _plateau_from_the_definition(rewards: list[float], window: int, tol: float) -> int | None:
+    """The first j + 1 where the windowed mean reward ending at j has not beaten its best by more than tol
+    for `window` updates (TrainConfig's plateau rule), written out with plain loops."""
+    means = [sum(rewards[j - window + 1 : j + 1]) / window for j in range(window - 1, len(rewards))]
+    best, best_at = -float("inf"), None
+    for i, x in enumerate(means):
+        j = i + window - 1
+        if x > best + tol:
+            best, best_at = x, j
+        elif j - best_at >= window:
+            return j + 1
+    return None
+
+
+def test_plateau_switches_when_the_exact_reward_stops_rising_and_then_follows_the_final_J():
+    m = MixingModel(seed=0, lam=1.0, beta=0.5, reward="count0", beta_schedule="plateau", beta_final=0.0,
+                    plateau_window=5, plateau_tol=0.01, switch_step=0)  # fmt: skip
+    for _ in range(100):
+        if m.switched_at() is not None:
+            break
+        assert m.weights_now() == (1.0, 0.5)  # before the plateau: the start weights
+        m.step()
+    k = len(m.history["step"])
+    assert 5 < k < 100 and m.switched_at() == k  # it switched, at the first update of the rule
+    assert _plateau_from_the_definition(m.history["reward"], 5, 0.01) == k
+    assert _plateau_from_the_definition(m.history["reward"][:-1], 5, 0.01) is None  # not an update earlier
+    before = copy.deepcopy(m.policy)
+    m.step()
+    want = exact_gradient(before, m.teacher, m.space, m.rewards["count0"], lam=1.0, beta=0.0)
+    torch.testing.assert_close(_applied(m), -want, rtol=1e-9, atol=1e-12)
+    start = exact_gradient(before, m.teacher, m.space, m.rewards["count0"], lam=1.0, beta=0.5)
+    assert (_applied(m) + start).norm() > 1e-3 * start.norm()  # control: the unswitched weights differ
+    late = MixingModel(seed=0, beta_schedule="plateau", beta=0.5, beta_final=0.0, plateau_window=200,
+                       switch_step=3)  # fmt: skip
+    late.run(3)  # no plateau within 3 updates: switch_step is the latest switch
+    assert late.switched_at() is None and late.weights_now() == (1.0, 0.0)
+
+
 def test_recipe_settings_are_validated_with_their_names():
     m = MixingModel(seed=0)
     with pytest.raises(ValueError, match="beta_schedule must be one of"):
-        m.set(beta_schedule="plateau")
-    with pytest.raises(ValueError, match="teacher_trust must be one of"):
+        m.set(beta_schedule="step")
+    with pytest.raises(ValueError, match="teacher_trust='per_prompt' is the same as 'global' here"):
         m.set(teacher_trust="per_prompt")
+    with pytest.raises(ValueError, match="teacher_trust must be one of"):
+        m.set(teacher_trust="local")
+    with pytest.raises(ValueError, match="plateau_window must be >= 1"):
+        m.set(plateau_window=0)
+    with pytest.raises(ValueError, match="plateau_tol must be >= 0"):
+        m.set(plateau_tol=-0.1)
     with pytest.raises(ValueError, match="switch_step must be >= 0"):
         m.set(switch_step=-1)
     with pytest.raises(ValueError, match="lam_final must be >= 0"):
@@ -127,3 +180,10 @@ def test_recipe_widgets_and_the_api_move_each_other():
     assert lab.controls["dense_gate"].value == "incorrect" and lab.controls["future_norm"].value == "mean"
     lab.controls["lam_final"].value = -1.0  # the slider clamps at its minimum: never an invalid setting
     assert lab.settings["lam_final"] == 0.0
+    lab.controls["plateau_window"].value = 7
+    lab.set(plateau_tol=0.002)
+    assert lab.settings["plateau_window"] == 7 and lab.controls["plateau_tol"].value == 0.002
+    lab.set(teacher_trust="global")  # the status line: the next update's beta, x p_T = 0.41 under trust
+    assert "β 0.20 ·" in lab.status.value and f"{lab.weights_now(trusted=True)[1]:.2f}" == "0.20"
+    lab.set(teacher_trust="none")
+    assert "β 0.50 ·" in lab.status.value  # the slider's beta again

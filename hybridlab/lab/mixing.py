@@ -35,7 +35,7 @@ import torch
 from ..hybrid import FUTURE_NORMS, NORMALIZATIONS, hybrid_loss
 from ..sparse import FUTURE_ESTIMATORS
 from ..train.config import schedule_value
-from ..train.recipe import recipe_beta
+from ..train.recipe import plateau_switch, recipe_beta
 from .exact import (
     DTYPE,
     TinyPolicy,
@@ -58,9 +58,9 @@ LOOPHOLE_REWARD = 2.0
 MODES = ("exact", "sampled")
 BASELINES = ("none", "reward_group", "return_group")
 REWARDS = ("count0", "loophole", "random")
-# The engine's weight schedules without "plateau" (a run here is as long as you click): see TrainConfig.
-SCHEDULES = ("constant", "linear", "cosine", "switch")
-TRUSTS = ("none", "global")  # one prompt: per-prompt trust is global trust here
+# The engine's weight schedules (TrainConfig's lam_schedule / beta_schedule): the same `schedule_value`.
+SCHEDULES = ("constant", "linear", "cosine", "switch", "plateau")
+TRUSTS = ("none", "global")  # one prompt: per-prompt trust is global trust here (`_validate` says so)
 GATES = ("none", "incorrect")
 GATE_REWARD = 1.0  # dense_gate="incorrect": the teacher's terms only where R < 1 (count0: not all 'a')
 METRICS = (
@@ -93,6 +93,8 @@ DEFAULTS = {
     "beta_schedule": "constant",
     "beta_final": 0.0,
     "switch_step": 50,
+    "plateau_window": 20,
+    "plateau_tol": 0.01,
     "teacher_trust": "none",
     "dense_gate": "none",
     "future_norm": "sum",
@@ -210,9 +212,12 @@ class MixingModel:
       switch_step: update k (0-based, counted from the last reset) uses lam_k, beta_k of the engine's
       `schedule_value` over a run of `steps` updates: the gradient of J_k = lam_k E[R] - beta_k KL, that step's
       objective; the run as a whole follows no single J. "switch" with lam 0 -> lam_final and beta -> 0 is
-      "distil, then RL". The metrics (objective, TV to pi*) stay those of J at lam, beta.
+      "distil, then RL"; "plateau" switches at the engine's `plateau_switch` of the exact expected reward
+      recorded after each update (plateau_window, plateau_tol), at switch_step at latest (0: no latest). The
+      metrics (objective, TV to pi*) stay those of J at lam, beta.
     - teacher_trust="global": beta x p_T, p_T = E_{pi_T}[R] clipped to [0, 1], the teacher's success rate computed
-      exactly by enumeration: J with a smaller beta (the toy has one prompt, so per-prompt trust is the same).
+      exactly by enumeration (in sampled mode too: no teacher samples, so no estimation noise in beta): J with a
+      smaller beta. The toy has one prompt, so "per_prompt" would equal "global"; it is refused with that advice.
     - dense_gate="incorrect": the teacher's terms only on responses with R < 1. The gate depends on the response:
       not the gradient of a fixed objective (biased).
     - future_norm="mean": the future KL divided by the remaining token count: length-neutral, biased for J.
@@ -276,13 +281,16 @@ class MixingModel:
         if name not in DEFAULTS:
             raise TypeError(f"unknown setting {name!r}; valid settings: {', '.join(DEFAULTS)}")
         if name in _CHOICES:
+            if name == "teacher_trust" and value == "per_prompt":
+                raise ValueError("teacher_trust='per_prompt' is the same as 'global' here (the toy has one "
+                                 "prompt): use teacher_trust='global'")  # fmt: skip
             if value not in _CHOICES[name]:
                 raise ValueError(f"{name} must be one of {_CHOICES[name]}, got {value!r}")
             return value
-        if name in ("samples", "steps", "switch_step"):
+        if name in ("samples", "steps", "switch_step", "plateau_window"):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-            low = {"samples": 2, "steps": 1, "switch_step": 0}[name]
+            low = {"samples": 2, "steps": 1, "switch_step": 0, "plateau_window": 1}[name]
             if value < low:
                 raise ValueError(f"{name} must be >= {low}, got {value}")
             return int(value)
@@ -293,8 +301,9 @@ class MixingModel:
             raise ValueError(f"gamma must lie in [0, 1], got {value}")
         if name == "lr" and not value > 0:
             raise ValueError(f"lr must be > 0, got {value}")
-        if name in ("lam", "beta", "lam_final", "beta_final") and value < 0:
-            raise ValueError(f"{name} must be >= 0 (it weighs a term of J), got {value}")
+        if name in ("lam", "beta", "lam_final", "beta_final", "plateau_tol") and value < 0:
+            why = "" if name == "plateau_tol" else " (it weighs a term of J)"
+            raise ValueError(f"{name} must be >= 0{why}, got {value}")
         return value
 
     # ---------------------------------------------------------------------------------------------- training
@@ -371,12 +380,23 @@ class MixingModel:
             dense=scale * gn["dense"], sparse=scale * gn["sparse"], cosine=gn["cosine"], grad_var=grad_var
         )
 
-    def weights_now(self) -> tuple[float, float]:
-        """(lam_k, beta_k) of the next update k (0-based since the last reset) under the schedules."""
-        s, k = self.settings, len(self.history["step"])
-        lam = schedule_value(s["lam_schedule"], s["lam"], s["lam_final"], k, s["steps"], s["switch_step"])
-        beta = schedule_value(s["beta_schedule"], s["beta"], s["beta_final"], k, s["steps"], s["switch_step"])
+    def weights_now(self, trusted: bool = False) -> tuple[float, float]:
+        """(lam_k, beta_k) of the next update k (0-based since the last reset) under the schedules; `trusted`:
+        beta_k x p_T under teacher_trust="global" (the reward gate, per response, is not in this number)."""
+        s, k, at = self.settings, len(self.history["step"]), self.switched_at()
+        lam, beta = (schedule_value(s[f"{w}_schedule"], s[w], s[f"{w}_final"], k, s["steps"], s["switch_step"], at)
+                     for w in ("lam", "beta"))  # fmt: skip
+        if trusted and s["teacher_trust"] == "global":
+            beta *= self.teacher_success()
         return lam, beta
+
+    def switched_at(self) -> int | None:
+        """The update where a 'plateau' schedule switches (the engine's `plateau_switch` of the exact expected
+        reward after each update so far); None: not yet, or no plateau schedule (switch_step still applies)."""
+        s = self.settings
+        if "plateau" not in (s["lam_schedule"], s["beta_schedule"]):
+            return None
+        return plateau_switch(self.history["reward"], s["plateau_window"], s["plateau_tol"])
 
     def teacher_success(self) -> float:
         """p_T = E_{pi_T}[R] over the enumeration, clipped to [0, 1]: the teacher's success rate (exact)."""

@@ -544,10 +544,11 @@ class MixingLab(MixingModel):
             return
         n = len(self.history["step"])
         m, s, t = self.metrics(), self.settings, self.timings
+        lam, beta = self.weights_now(trusted=True)  # the next update's weights: the sliders' without a recipe
         self.status.value = (
             f"<span style='font-family:monospace;font-size:11px'>step {n} · E[R] {m['reward']:.3f} · "
             f"KL {m['kl']:.3f} · TV(π*) {m['dist_to_opt']:.3f}<br>"
-            f"λ {s['lam']:.2f} · β {s['beta']:.2f} · γ {s['gamma']:.2f} · {s['mode']} · {s['reward']}<br>"
+            f"λ {lam:.2f} · β {beta:.2f} · γ {s['gamma']:.2f} · {s['mode']} · {s['reward']}<br>"
             f"last run {t['train_s']:.2f} s · draw {t['draw_s']:.2f} s</span>"
         )
 

@@ -38,7 +38,9 @@ def part_gradients(out, logits: torch.Tensor, actions: torch.Tensor, mask: torch
         lam_r = lam * rewards.to(logp.dtype)[:, None]
         neg_beta_f = torch.where(mask, out.returns.to(logp.dtype) - lam_r, zero)  # returns = lam R - beta F
         b_r = torch.zeros_like(neg_beta_f)
-        if isinstance(baseline, str) and baseline != "none":
+        if isinstance(baseline, torch.Tensor):  # the caller's b(s_t): all of it in "reward", as documented
+            b_r = out.baseline.to(logp.dtype)
+        elif baseline != "none":
             b_r = group_loo_mean(lam_r.expand_as(neg_beta_f), group_size)
         # lam R - b_R; the rest of the advantage is the future's
         rew_adv = torch.where(mask, lam_r - b_r, zero)

@@ -193,6 +193,10 @@ def _drive_lab(page, url: str, start: float) -> None:
     )
     figure.scroll_into_view_if_needed()
     _assert_readable_at_laptop_width(page, lab, figure)
+    # Opened, the Recipe accordion's three columns of controls must fit the notebook as well.
+    lab.locator(".hybridlab-recipe .jupyter-widget-Collapse-header").first.click()
+    lab.locator(".hybridlab-teacher_trust").wait_for(state="visible", timeout=left(10))
+    _assert_readable_at_laptop_width(page, lab, figure)
     before = figure.screenshot(path=str(ARTIFACTS / "lab_before.png"))
     src_before = figure.get_attribute("src")
 
