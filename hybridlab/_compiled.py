@@ -74,9 +74,8 @@ def _compiled(name: str):
 def _call(name: str, *args):
     try:
         return _compiled(name)(*args)
-    except (
-        Exception
-    ) as e:  # a missing C++ compiler, an unsupported platform: say so, do not fall back silently
+    # a missing C++ compiler, an unsupported platform: say so, do not fall back silently
+    except Exception as e:
         raise RuntimeError(
             f"backend='compiled' could not compile its {name} function with torch.compile "
             f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); on CPU Inductor needs a "
@@ -167,13 +166,11 @@ def generated_bytes(n: int, v: int, dtype: torch.dtype = torch.float32, device: 
     log.propagate = False
     inductor_config.fx_graph_cache = False
     try:
+        _, _, _, lse_x, lse_t = _rows_forward(z, t, y, inv)  # eager: the backward's inputs
         for name, fn, args in (
             ("forward", _rows_forward, (z, t, y, inv)),
-            ("backward", _rows_backward, None),
+            ("backward", _rows_backward, (z, t, y, act, lse_x, lse_t, r, r, r, inv)),
         ):
-            if args is None:
-                _, _, _, lse_x, lse_t = _rows_forward(z, t, y, inv)
-                args = (z, t, y, act, lse_x, lse_t, r, r, r, inv)
             metrics.reset()
             torch.compile(fn, dynamic=False)(*args)
             out[name] = metrics.num_bytes_accessed / (n * v * z.element_size())
